@@ -1,0 +1,39 @@
+# Two entry points, both self-contained on a fresh machine:
+#   make demo   runs the embedded end-to-end job (no download)
+#   make test   runs the whole test suite
+# Each creates .venv when it is missing or when pyproject.toml changed since it was built.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.slime-installed
+# torch is named in the same pip command as everything else: a later install of a package that
+# asks for torch would otherwise be free to replace the CPU build with a multi-GB CUDA one.
+TORCH  ?= torch==2.13.0
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: all venv test demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)" -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python -m recipes.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
