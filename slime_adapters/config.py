@@ -1,0 +1,165 @@
+"""Frozen configuration dataclasses shared by every module, saved and loaded as JSON.
+
+Each module ``M`` has a frozen dataclass ``MConfig`` whose fields are exactly ``M``'s constructor
+keywords (minus ``device``/``dtype``). ``M.from_config(cfg)`` builds the module, ``m.config`` gives
+the config back. Saved configs record the library version; loading one written by a newer version
+with keys this version does not know warns (:class:`UnknownConfigKeyWarning`) and ignores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+__all__ = [
+    "ConfigBase",
+    "ConfigError",
+    "ConfigurableMixin",
+    "UnknownConfigKeyWarning",
+    "atomic_write_text",
+]
+
+C = TypeVar("C", bound="ConfigBase")
+
+
+class ConfigError(ValueError):
+    """A configuration file or dict cannot be turned into a config."""
+
+
+class UnknownConfigKeyWarning(UserWarning):
+    """A saved config holds keys this version does not know (written by a newer version?)."""
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _restore(tp: Any, value: Any) -> Any:
+    """Turn JSON lists back into the tuples the dataclass field declares."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                try:
+                    return _restore(arg, value)
+                except (TypeError, ValueError):
+                    continue
+        return value
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_restore(args[0], v) for v in value)
+        if args and len(args) == len(value):
+            return tuple(_restore(a, v) for a, v in zip(args, value))
+        return tuple(value)
+    if tp is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a file so that readers see either the old content or the new, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigBase:
+    """Base of every module config: dict/JSON round trips with the library version recorded."""
+
+    kind: ClassVar[str] = "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        from slime_adapters import __version__
+
+        out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"kind": self.kind, "slime_adapters_version": __version__, **out}
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a dict, got {type(data).__name__}")
+        data = dict(data)
+        kind = data.pop("kind", cls.kind)
+        data.pop("slime_adapters_version", None)
+        if kind != cls.kind:
+            raise ConfigError(f"{cls.__name__}: config is of kind {kind!r}, expected {cls.kind!r}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__}: ignoring unknown config keys {unknown} "
+                "(written by a newer slime-adapters?)",
+                UnknownConfigKeyWarning,
+                stacklevel=2,
+            )
+        kwargs = {k: _restore(hints.get(k, Any), v) for k, v in data.items() if k in names}
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{cls.__name__}: invalid config: {exc}") from exc
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_json(cls: type[C], path_or_text: str | os.PathLike[str]) -> C:
+        """Load from a JSON file path or from a JSON string."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            path = Path(path_or_text)
+            if not path.is_file():
+                raise ConfigError(f"{cls.__name__}: config file {str(path)!r} does not exist")
+            text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cls.__name__}: not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+class ConfigurableMixin:
+    """Adds ``from_config`` to a module whose ``__init__`` takes the config's fields as keywords
+    and stores the resulting config as ``self.config``."""
+
+    config_class: ClassVar[type[ConfigBase]]
+
+    @classmethod
+    def from_config(cls, config: ConfigBase, *, device=None, dtype=None):
+        if not isinstance(config, cls.config_class):
+            raise ConfigError(
+                f"{cls.__name__}.from_config expects a {cls.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+        return cls(**fields, device=device, dtype=dtype)
