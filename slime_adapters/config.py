@@ -37,6 +37,8 @@ class UnknownConfigKeyWarning(UserWarning):
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, ConfigBase):
+        return value.to_dict()
     if isinstance(value, tuple | list):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
@@ -45,7 +47,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def _restore(tp: Any, value: Any) -> Any:
-    """Turn JSON lists back into the tuples the dataclass field declares."""
+    """Turn JSON lists back into the tuples, and dicts into the nested configs, a field declares."""
+    if isinstance(tp, type) and issubclass(tp, ConfigBase) and isinstance(value, dict):
+        return tp.from_dict(value)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
         for arg in typing.get_args(tp):

@@ -28,6 +28,13 @@ class ToyConfig(ConfigBase):
     mean: tuple[float, ...] = (0.5, 0.25, 0.125)
 
 
+@dataclasses.dataclass(frozen=True)
+class OuterConfig(ConfigBase):
+    kind = "outer"
+    inner: ToyConfig = ToyConfig()
+    scale: float = 1.0
+
+
 class Toy(ConfigurableMixin, torch.nn.Module):
     config_class = ToyConfig
 
@@ -90,3 +97,11 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_nested_configs_round_trip():
+    cfg = OuterConfig(inner=ToyConfig(dim=3, grid=(1, 7)), scale=0.5)
+    back = OuterConfig.from_json(cfg.to_json())
+    assert back == cfg and isinstance(back.inner, ToyConfig) and back.inner.grid == (1, 7)
+    with pytest.warns(UnknownConfigKeyWarning, match="later"):
+        OuterConfig.from_dict(cfg.to_dict() | {"inner": cfg.inner.to_dict() | {"later": 1}})
