@@ -200,7 +200,8 @@ class QueryCompressor(ConfigurableMixin, nn.Module):
             if hasattr(mod, "reset_parameters"):
                 mod.reset_parameters()
         if self.pos_embed is not None:
-            table = sincos_2d(grid_side(self.num_queries, "num_queries"), self.dim)
+            table = sincos_2d(grid_side(self.num_queries, "num_queries"), self.dim,
+                              dtype=torch.float64)
             if self.mode == "reference":
                 table = table.to(torch.float16)  # the released table is a float16 tensor
             self.pos_embed.copy_(table.to(self.pos_embed.device, self.pos_embed.dtype))
