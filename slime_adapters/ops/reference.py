@@ -89,6 +89,7 @@ def sincos_2d_reference(side: int, dim: int, *, ref_side: int | None = None,
     """(side², dim) table, token by token: [sin/cos(col·ω), sin/cos(row·ω)], ω_i = 10000^(−4i/dim),
     coordinates (i + 0.5)·ref_side/side − 0.5 when ``ref_side`` is given."""
     quarter = dim // 4
+    omega = torch.tensor([1.0 / 10000 ** (i / quarter) for i in range(quarter)], dtype=torch.float64)
     out = torch.zeros(side * side, dim, dtype=torch.float64)
 
     def coord(i: int) -> float:
@@ -96,13 +97,8 @@ def sincos_2d_reference(side: int, dim: int, *, ref_side: int | None = None,
 
     for r in range(side):
         for c in range(side):
-            for i in range(quarter):
-                w = 1.0 / 10000 ** (i / quarter)
-                t = r * side + c
-                out[t, i] = _math.sin(coord(c) * w)
-                out[t, quarter + i] = _math.cos(coord(c) * w)
-                out[t, 2 * quarter + i] = _math.sin(coord(r) * w)
-                out[t, 3 * quarter + i] = _math.cos(coord(r) * w)
+            col, row = coord(c) * omega, coord(r) * omega
+            out[r * side + c] = torch.cat([col.sin(), col.cos(), row.sin(), row.cos()])
     return out.to(dtype)
 
 
