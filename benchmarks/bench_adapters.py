@@ -10,8 +10,9 @@ The oracles (:mod:`slime_adapters.ops.reference`) are per-view / per-tile, per-h
 formulas written out: a faithful per-sample port of the released math. Each is checked against
 the fast module before anything is timed; then both are timed in the same run
 (``torch.utils.benchmark``, warm-up, median; ``--rounds`` round-robin repetitions so that load
-from other processes hits every case alike, median over rounds), forward and forward+backward, with the memory the
-backward pass keeps (saved activations, every device) and the allocator's peak (CUDA only).
+from other processes hits every case alike, median over rounds), forward and forward+backward,
+with the memory the backward pass keeps (saved activations, every device) and the allocator's
+peak (CUDA only).
 Results go to ``benchmarks/results/bench_adapters-<device>-torch<version>-<commit>.json``
 (or ``--out DIR``); the speed-up ratios are printed last.
 
@@ -170,7 +171,8 @@ def _check(args, proj, comp, views, tiles, noise) -> dict[str, float]:
         with torch.no_grad():
             ref = oracle()
             errs[f"{name}_float64"] = _rel_err(fast(), ref)
-            errs[f"{name}_{str(args.dtype).removeprefix('torch.')}"] = _rel_err(work[name][0](), ref)
+            low = str(args.dtype).removeprefix("torch.")
+            errs[f"{name}_{low}"] = _rel_err(work[name][0](), ref)
     limit = {torch.float32: 1e-4}.get(args.dtype, 5e-2)
     for key, err in errs.items():
         tol = 1e-9 if key.endswith("float64") else limit
@@ -251,13 +253,14 @@ def run(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{k}={v:.2e}" for k, v in checks.items()))
     print(f"{'work':<15}{'impl':<8}{'fwd ms':>10}{'fwd+bwd ms':>12}{'saved MB':>10}{'peak MB':>10}")
     for r in rows:
-        peak = r["peak_bytes_fwd_bwd"]
+        peak = "-" if r["peak_bytes_fwd_bwd"] is None else f"{r['peak_bytes_fwd_bwd'] / 2**20:.1f}"
         print(f"{r['work']:<15}{r['impl']:<8}{r['fwd_ms']:>10.2f}{r['fwd_bwd_ms']:>12.2f}"
-              f"{r['saved_bytes'] / 2**20:>10.1f}{'-' if peak is None else f'{peak / 2**20:.1f}':>10}")
+              f"{r['saved_bytes'] / 2**20:>10.1f}{peak:>10}")
     if device.type == "cuda":
         for w, ref in SPEC_REFERENCE_MS.items():
-            print(f"# SPEC §4 H200 reference {w}: {ref['fwd']} ms fwd, {ref['fwd_bwd']} ms fwd+bwd; "
-                  f"fast here {by[(w, 'fast')]['fwd_ms']:.2f} / {by[(w, 'fast')]['fwd_bwd_ms']:.2f}")
+            fast = by[(w, "fast")]
+            print(f"# SPEC §4 H200 reference {w}: {ref['fwd']} ms fwd, {ref['fwd_bwd']} ms "
+                  f"fwd+bwd; fast here {fast['fwd_ms']:.2f} / {fast['fwd_bwd_ms']:.2f}")
     print(f"# results: {path}")
     print("ratio oracle/fast: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items()))
     return result

@@ -61,7 +61,8 @@ def sincos_2d(
         ValueError: ``dim`` is not a positive multiple of 4, or ``side`` is not positive.
     """
     if dim <= 0 or dim % 4:
-        raise ValueError(f"dim must be a positive multiple of 4 for 2-D sin-cos positions, got {dim}")
+        raise ValueError(
+            f"dim must be a positive multiple of 4 for 2-D sin-cos positions, got {dim}")
     if side < 1:
         raise ValueError(f"side must be positive, got {side}")
     device = torch.device("cpu") if device is None else torch.device(device)

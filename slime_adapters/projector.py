@@ -110,7 +110,9 @@ def _check_expert(name: str, value: object) -> None:
 
 
 def _mlp(in_dim: int, out_dim: int, fk: dict) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, out_dim, **fk), nn.GELU(), nn.Linear(out_dim, out_dim, **fk))
+    return nn.Sequential(
+        nn.Linear(in_dim, out_dim, **fk), nn.GELU(), nn.Linear(out_dim, out_dim, **fk)
+    )
 
 
 class NoisyMoEProjector(ConfigurableMixin, nn.Module):
@@ -275,11 +277,12 @@ class NoisyMoEProjector(ConfigurableMixin, nn.Module):
             or tuple(noise_sample.shape) != (*x.shape[:2], NUM_EXPERTS)
         ):
             shape = tuple(noise_sample.shape) if isinstance(noise_sample, Tensor) else noise_sample
-            raise ValueError(f"noise_sample must be a tensor of shape {(*x.shape[:2], NUM_EXPERTS)}, "
-                             f"got {shape!r}")
+            raise ValueError(f"noise_sample must be a tensor of shape "
+                             f"{(*x.shape[:2], NUM_EXPERTS)}, got {shape!r}")
 
     def _one_hot(self, x: Tensor, expert: int) -> tuple[Tensor, Tensor]:
-        gm = torch.zeros(NUM_EXPERTS, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        work = torch.promote_types(x.dtype, torch.float32)
+        gm = torch.zeros(NUM_EXPERTS, device=x.device, dtype=work)
         gm[expert] = 1.0
         return gm.expand(*x.shape[:2], NUM_EXPERTS), gm
 

@@ -1,4 +1,4 @@
-"""QueryCompressor against the float64 loop oracle; positions, padding, batching, gradients, errors."""
+"""QueryCompressor vs the float64 loop oracle; positions, padding, batching, gradients, errors."""
 
 from __future__ import annotations
 
@@ -134,7 +134,8 @@ def test_every_parameter_gets_a_finite_gradient():
                      "v_proj.weight", "v_proj.bias", "out_proj.weight", "out_proj.bias",
                      "ln_post.weight", "ln_post.bias", "proj.weight", "proj.bias"}
     for n, prm in m.named_parameters():
-        assert prm.grad is not None and torch.isfinite(prm.grad).all() and prm.grad.abs().sum() > 0, n
+        assert prm.grad is not None, n
+        assert torch.isfinite(prm.grad).all() and prm.grad.abs().sum() > 0, n
 
 
 def test_state_dict_names_match_released_resampler():

@@ -1,4 +1,4 @@
-"""NoisyMoEProjector against the float64 loop oracle; fusion, forced experts, gates, gradients, errors."""
+"""NoisyMoEProjector vs the float64 loop oracle: fusion, forced experts, gates, gradients."""
 
 from __future__ import annotations
 
@@ -212,7 +212,8 @@ def test_names_roles_and_reference_buffers():
     assert {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "w_gate", "w_noise",
             "query_expert.query", "query_expert.pos_embed", "query_expert.q_proj.weight"} <= keys
     assert "mean" not in keys and not any(k.startswith("query_mlp") for k in keys)
-    assert paper.w_gate.shape == (16, 2) and (paper.w_gate == 0).all() and (paper.w_noise == 0).all()
+    assert paper.w_gate.shape == (16, 2)
+    assert (paper.w_gate == 0).all() and (paper.w_noise == 0).all()
     ref = NoisyMoEProjector(in_dim=16, out_dim=8, num_tokens=4, mode="reference", shared_mlp=False)
     assert ref.mean.tolist() == [0.0] and ref.std.tolist() == [1.0]
     assert "mean" not in dict(ref.named_parameters())

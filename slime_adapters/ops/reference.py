@@ -86,10 +86,12 @@ def _gelu_reference(x: Tensor) -> Tensor:
 
 def sincos_2d_reference(side: int, dim: int, *, ref_side: int | None = None,
                         dtype: torch.dtype = torch.float64) -> Tensor:
-    """(side², dim) table, token by token: [sin/cos(col·ω), sin/cos(row·ω)], ω_i = 10000^(−4i/dim),
-    coordinates (i + 0.5)·ref_side/side − 0.5 when ``ref_side`` is given."""
+    """(side², dim) table, token by token: [sin/cos(col·ω), sin/cos(row·ω)],
+    ω_i = 10000^(−4i/dim), coordinates (i + 0.5)·ref_side/side − 0.5 when ``ref_side`` is
+    given."""
     quarter = dim // 4
-    omega = torch.tensor([1.0 / 10000 ** (i / quarter) for i in range(quarter)], dtype=torch.float64)
+    omega = torch.tensor([1.0 / 10000 ** (i / quarter) for i in range(quarter)],
+                         dtype=torch.float64)
     out = torch.zeros(side * side, dim, dtype=torch.float64)
 
     def coord(i: int) -> float:
