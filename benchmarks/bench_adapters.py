@@ -162,11 +162,12 @@ def _workloads(proj, comp, views, tiles, noise):
 
 
 def _check(args, proj, comp, views, tiles, noise) -> dict[str, float]:
-    """Fast == oracle before timing: in float64 (tight), and in the timed dtype (loose)."""
+    """Fast == oracle before timing, both against the float64 oracle run on the same (already
+    rounded) weights and inputs: the fast module in float64 (tight) and in the timed dtype."""
     errs = {}
     p64, c64 = copy.deepcopy(proj).double(), copy.deepcopy(comp).double()
     work64 = _workloads(p64, c64, views.double(), tiles.double(), noise.double())
-    work = _workloads(proj, comp, views.to(args.dtype), tiles.to(args.dtype), noise)
+    work = _workloads(proj, comp, views, tiles, noise)
     for name, (fast, oracle) in work64.items():
         with torch.no_grad():
             ref = oracle()
@@ -187,9 +188,9 @@ def run(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     proj, comp, views, tiles, noise = _build(args, device)
     proj.train()  # fixed noise sample, so fast and oracle see the same gates
-    checks = _check(args, proj, comp, views, tiles, noise)
     proj, comp = proj.to(args.dtype), comp.to(args.dtype)
     views, tiles = views.to(args.dtype), tiles.to(args.dtype)
+    checks = _check(args, proj, comp, views, tiles, noise)
     params = list(proj.parameters()) + list(comp.parameters())
 
     cases = {}
