@@ -275,3 +275,17 @@ def test_forward_errors():
     m.check_finite = True
     with pytest.raises(ValueError, match=r"x holds NaN or inf \(check_finite=True\)"):
         m(x)
+
+
+def test_meta_then_materialise():
+    """Built on the meta device (no memory), materialised, re-initialised: a working module."""
+    m = NoisyMoEProjector(in_dim=16, out_dim=8, num_tokens=4, num_heads=2, mode="reference",
+                          device="meta")
+    m = m.to_empty(device="cpu")
+    m.reset_parameters()
+    ref = NoisyMoEProjector(in_dim=16, out_dim=8, num_tokens=4, num_heads=2, mode="reference")
+    torch.testing.assert_close(m.query_expert.pos_embed, ref.query_expert.pos_embed)
+    assert m.mean.item() == 0.0 and m.std.item() == 1.0
+    out = m.eval()(torch.randn(2, 4, 16))
+    assert torch.isfinite(out.tokens).all()
+    assert torch.allclose(out.gates, torch.full_like(out.gates, 0.5 / (1 + 1e-6)))
