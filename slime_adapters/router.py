@@ -1,4 +1,4 @@
-"""Text-guided cosine token router (paper §2.2): keep the local image tokens closest to the question.
+"""Text-guided cosine token router (paper §2.2): keep the local tokens closest to the question.
 
 einops legend::
 
@@ -117,7 +117,7 @@ def _check_tokens(name: str, x: Tensor, keep_mask: Tensor) -> None:
 class RouterOutput(NamedTuple):
     """What the router decided. ``keep_mask`` (b, n) bool, True = keep; ``num_kept`` (b,) long;
     ``scores`` (b, n) the softmax probabilities used for selection (float32, float64 for float64
-    inputs; 0 at masked tokens). Static shapes: nothing here depends on how many tokens were kept."""
+    inputs; 0 at masked tokens). Static shapes: nothing depends on how many tokens were kept."""
 
     keep_mask: Tensor
     num_kept: Tensor
@@ -137,7 +137,7 @@ class RouterOutput(NamedTuple):
         return PackedTokens(tokens, cu_seqlens, positions, lengths)
 
     def pad(self, image_tokens: Tensor) -> PaddedTokens:
-        """Kept tokens of ``image_tokens`` (b, n, d) in raster order, padded with zeros to the largest
+        """Kept tokens of ``image_tokens`` (b, n, d) in raster order, zero-padded to the largest
         count in the batch: ``(tokens (b, kmax, d), mask (b, kmax))``. Synchronises with the host
         (kmax). Raises :class:`RouterInputError` when the shape does not match the routed (b, n)."""
         _check_tokens("image_tokens", image_tokens, self.keep_mask)
@@ -176,7 +176,8 @@ class CosineTokenRouterConfig(ConfigBase):
             raise ValueError(f"text_pool must be one of {_TEXT_POOLS}, got {self.text_pool!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int) or self.min_keep < 0:
+        if (isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int)
+                or self.min_keep < 0):
             raise ValueError(f"min_keep must be an int >= 0, got {self.min_keep!r}")
         if self.max_keep is not None and (
             isinstance(self.max_keep, bool) or not isinstance(self.max_keep, int)
@@ -189,7 +190,9 @@ class CosineTokenRouterConfig(ConfigBase):
         if self.crossing not in _CROSSINGS:
             raise ValueError(f"crossing must be one of {_CROSSINGS}, got {self.crossing!r}")
         if self.on_empty_text not in _ON_EMPTY:
-            raise ValueError(f"on_empty_text must be one of {_ON_EMPTY}, got {self.on_empty_text!r}")
+            raise ValueError(
+                f"on_empty_text must be one of {_ON_EMPTY}, got {self.on_empty_text!r}"
+            )
 
 
 def _check_gamma(gamma: float, name: str) -> float:

@@ -91,7 +91,8 @@ def router_reference(
     probs_out = torch.zeros(b, n, dtype=dtype)
     for i in range(b):
         img_idx = [j for j in range(n) if image_mask is None or bool(image_mask[i, j])]
-        txt_idx = [j for j in range(text_embeds.shape[1]) if text_mask is None or bool(text_mask[i, j])]
+        txt_idx = [j for j in range(text_embeds.shape[1])
+                   if text_mask is None or bool(text_mask[i, j])]
         if not txt_idx and on_empty_text == "raise":
             raise ValueError(f"sample {i} has no valid question token")
         if not img_idx:
