@@ -87,12 +87,13 @@ def router_reference(
     """
     b, n, _ = image_tokens.shape
     dtype = torch.promote_types(image_tokens.dtype, text_embeds.dtype)
-    keep = torch.zeros(b, n, dtype=torch.bool)
-    probs_out = torch.zeros(b, n, dtype=dtype)
+    keep = torch.zeros(b, n, dtype=torch.bool, device=image_tokens.device)
+    probs_out = torch.zeros(b, n, dtype=dtype, device=image_tokens.device)
     for i in range(b):
-        img_idx = [j for j in range(n) if image_mask is None or bool(image_mask[i, j])]
-        txt_idx = [j for j in range(text_embeds.shape[1])
-                   if text_mask is None or bool(text_mask[i, j])]
+        img_ok = [True] * n if image_mask is None else image_mask[i].tolist()
+        txt_ok = [True] * text_embeds.shape[1] if text_mask is None else text_mask[i].tolist()
+        img_idx = [j for j in range(n) if img_ok[j]]
+        txt_idx = [j for j in range(text_embeds.shape[1]) if txt_ok[j]]
         if not txt_idx and on_empty_text == "raise":
             raise ValueError(f"sample {i} has no valid question token")
         if not img_idx:
@@ -109,13 +110,14 @@ def router_reference(
         if noise is not None:
             s = s + noise[i, img_idx].to(dtype)
         p = torch.softmax(s / temperature, dim=0)
-        order = sorted(range(len(img_idx)), key=lambda j: (-float(p[j]), j))
+        p_list = p.tolist()
+        order = sorted(range(len(img_idx)), key=lambda j: (-p_list[j], j))
         if gamma >= 1.0 or not txt_idx:
             count = len(img_idx)
         else:
             count, total = 0, 0.0
             for j in order:
-                total += float(p[j])
+                total += p_list[j]
                 count += 1
                 if (total >= gamma) if crossing == "reach" else (total > gamma):
                     break
@@ -125,8 +127,7 @@ def router_reference(
         count = min(count, len(img_idx))
         for j in order[:count]:
             keep[i, img_idx[j]] = True
-        for j, pos in enumerate(img_idx):
-            probs_out[i, pos] = p[j]
+        probs_out[i, img_idx] = p
     return keep, probs_out
 
 
@@ -171,5 +172,5 @@ def router_reference_released(
     if count < sorted_idx.numel():
         selected = sorted_idx[:count + 1]
     else:
-        selected = torch.arange(sorted_idx.numel())
+        selected = torch.arange(sorted_idx.numel(), device=sorted_idx.device)
     return selected.sort().values
