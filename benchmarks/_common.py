@@ -172,8 +172,9 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int | None
 
 
 def summarise(values: list[float]) -> dict[str, float]:
-    """Mean, standard deviation, min and max of a list of numbers."""
+    """Median, mean, standard deviation, min and max of a list of numbers."""
     return {
+        "median": statistics.median(values),
         "mean": statistics.fmean(values),
         "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
         "min": min(values),

@@ -42,7 +42,9 @@ What each setting keeps (SPEC §2.4, "sharpness matters"; ``benchmarks/bench_rou
 it). Mean-pooled cosines lie in [−1, 1] and in practice within a narrow band (a few hundredths
 apart), so at ``temperature=1`` the softmax over hundreds of tokens is nearly flat and γ keeps about
 a fraction γ of the tokens whatever the question. A temperature of the order of the score spread
-(≈0.01–0.05) makes the router selective: then γ=0.95 keeps mostly the tokens that stand out.
+(≈0.01–0.1) makes the router selective: then γ=0.95 keeps mostly the tokens that stand out. Far
+below the gap between the relevant tokens' scores and the rest, the softmax collapses onto the few
+top tokens and γ keeps little more than ``min_keep`` (recall of the relevant tokens drops).
 ``text_pool="sum"`` multiplies the scores by the question length, i.e. divides the temperature by
 it. ``legacy_softmax`` first squashes the scores into probabilities ≈ 1/n, so the second softmax is
 flat and γ keeps ≈ γ·n tokens whatever the scores (≈95% at γ = 0.95).
