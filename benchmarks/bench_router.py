@@ -79,10 +79,12 @@ def _per_sample(keep: torch.Tensor, relevant: torch.Tensor) -> tuple[list[float]
 
 def _row(**fields: Any) -> dict[str, Any]:
     kept, recall = fields.pop("kept"), fields.pop("recall")
-    return {**fields, "kept_mean": statistics.fmean(kept),
-            "kept_std": statistics.pstdev(kept) if len(kept) > 1 else 0.0,
-            "recall_mean": statistics.fmean(recall),
-            "recall_std": statistics.pstdev(recall) if len(recall) > 1 else 0.0}
+    row = {**fields, "kept_mean": statistics.fmean(kept),
+           "kept_std": statistics.pstdev(kept) if len(kept) > 1 else 0.0,
+           "recall_mean": statistics.fmean(recall),
+           "recall_std": statistics.pstdev(recall) if len(recall) > 1 else 0.0}
+    # thousands of rows: 6 decimals keep the JSON readable and small
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
 
 
 def sparsity_sweep(args, device, dtype) -> list[dict[str, Any]]:
