@@ -96,8 +96,10 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def save_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """Write ``payload`` as indented JSON atomically (NaN/inf become null); returns the path."""
+def save_json(path: str | os.PathLike[str], payload: dict[str, Any], *,
+              indent: int | None = 2) -> Path:
+    """Write ``payload`` as JSON atomically (NaN/inf become null; ``indent=None`` for one compact
+    line, for large results); returns the path."""
     def clean(x: Any) -> Any:
         if isinstance(x, float) and not math.isfinite(x):
             return None
@@ -108,7 +110,7 @@ def save_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
         return x
 
     path = Path(path)
-    atomic_write_text(path, json.dumps(clean(payload), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(clean(payload), indent=indent) + "\n")
     return path
 
 

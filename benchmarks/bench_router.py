@@ -1,9 +1,9 @@
 """Router sparsity micro-benchmark: how many tokens does γ keep, does it keep the right ones, and
 how fast and lean is the router next to the released per-sample math?
 
-Synthetic problems (per image): a question whose tokens share a topic direction q (each text token
-is 0.8·q + 0.6·r_j, r_j random), and n image tokens of which a planted fraction (``--relevant-frac``)
-are *relevant*: v = a·q + √(1−a²)·u with ``a`` the signal, the rest distractors (a = 0). The signal
+Synthetic problems (per image): a question whose tokens share a topic direction q (each text
+token is 0.8·q + 0.6·r_j, r_j random), and n image tokens of which a planted fraction
+(``--relevant-frac``) are *relevant*: v = a·q + √(1−a²)·u with ``a`` the signal, the rest distractors (a = 0). The signal
 sets how sharp the mean-pooled cosine scores are (relevant tokens score ≈ 0.8·a, distractors
 ≈ 0 ± 0.8/√d), from sharp (0.8) to flat (0). For every token count n (1–36 tiles × 144 queries),
 question length l, signal, temperature and γ, the report gives:
@@ -16,8 +16,10 @@ question length l, signal, temperature and γ, the report gives:
   loop-and-broadcast oracle (:func:`router_reference`) and the released code's per-sample math
   (:func:`router_reference_released`), in the same run, after checking that they agree.
 
-Writes ``<stem>.json``, ``<stem>_kept_vs_gamma.png`` and ``<stem>_recall_vs_kept.png`` under
-``benchmarks/results/`` (or ``--out``); prints the speed-up last. ``--tiny`` runs in seconds.
+Writes ``<stem>.json`` (one line; ``sparsity`` as ``columns`` + ``rows``),
+``<stem>_kept_vs_gamma.png`` and ``<stem>_recall_vs_kept.png`` under ``benchmarks/results/`` (or
+``--out``); prints the speed-up last. ``--tiny`` runs in seconds. Reproduce the reported CPU run
+with ``python -m benchmarks.bench_router`` (about a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -298,12 +300,15 @@ def main(argv=None) -> int:
     rows = sparsity_sweep(args, device, dtype)
     timings = [timing(args, device, dtype, n, l) for n in args.timing_tokens
                for l in args.text_lens]
-    payload.update(sparsity=rows, timing=timings)
+    # columns + rows: thousands of sparsity rows would repeat every key
+    columns = list(rows[0])
+    payload.update(sparsity={"columns": columns, "rows": [[r[c] for c in columns] for r in rows]},
+                   timing=timings)
     payload["summary"] = {
         "speedup_vs_released": summarise([r["speedup_vs_released"] for r in timings]),
         "speedup_vs_oracle": summarise([r["speedup_vs_oracle"] for r in timings]),
     }
-    files = [save_json(f"{stem}.json", payload)]
+    files = [save_json(f"{stem}.json", payload, indent=None)]
     if not args.no_plots:
         files += plot(rows, args, stem)
 
@@ -315,8 +320,8 @@ def main(argv=None) -> int:
         for signal in args.signals:
             cells = []
             for m in ("router", "legacy", "random"):
-                r = next(r for r in rows if r["n"] == args.tokens[-1] and r["l"] == args.text_lens[0]
-                         and r["temperature"] == temp and r["signal"] == signal
+                r = next(r for r in rows if r["n"] == args.tokens[-1]
+                         and r["l"] == args.text_lens[0] and r["temperature"] == temp and r["signal"] == signal
                          and r["gamma"] == g_show and r["method"] == m)
                 cells.append(f"{r['kept_mean']:.2f}±{r['kept_std']:.2f} / {r['recall_mean']:.2f}")
             print(f"  T={temp:<5} signal={signal:<4} " + " | ".join(cells))

@@ -28,7 +28,8 @@ def test_tiny_run_writes_results_and_agrees_with_oracle(tmp_path, capsys):
     for c in data["checks"]:
         assert c["router_equals_oracle"] and c["legacy_equals_released_code"], c
         assert c["released_equals_released_code"] and c["router_max_score_error"] < 1e-10
-    rows = data["sparsity"]
+    table = data["sparsity"]
+    rows = [dict(zip(table["columns"], r)) for r in table["rows"]]
     assert {r["method"] for r in rows} == {"router", "released", "legacy", "random"}
     args = data["args"]
     expected = (len(args["tokens"]) * len(args["text_lens"]) * len(args["signals"])
