@@ -150,7 +150,8 @@ class RouterOutput(NamedTuple):
         idx = order[:, :kmax]
         tokens = torch.gather(image_tokens, 1, idx.unsqueeze(-1).expand(b, kmax, d))
         mask = torch.arange(kmax, device=idx.device) < self.num_kept.unsqueeze(1)
-        tokens = tokens * mask.unsqueeze(-1).to(tokens.dtype)
+        # where, not a product: the unkept tokens gathered into padded slots may hold NaN
+        tokens = torch.where(mask.unsqueeze(-1), tokens, tokens.new_zeros(()))
         return PaddedTokens(tokens, mask)
 
 

@@ -263,6 +263,14 @@ def test_pack_and_pad_keep_raster_order():
     assert torch.equal(x.grad[..., 0] != 0, out.keep_mask), "gradient reaches exactly the kept"
 
 
+def test_pad_and_pack_ignore_poisoned_masked_tokens():
+    x, t, im, tm = _batch(3, 30, 4, 8, seed=14, poison=True)
+    out = CosineTokenRouter(gamma=0.6, temperature=0.05).eval()(x, t, image_mask=im, text_mask=tm)
+    padded = out.pad(x)
+    assert bool(torch.isfinite(padded.tokens).all()), "NaN leaked into padded slots"
+    assert bool(torch.isfinite(out.pack(x).tokens).all())
+
+
 def test_static_output_shapes():
     x, t, im, tm = _batch(2, 33, 3, 8, seed=12, dtype=torch.float32)
     for gamma in (0.5, 1.0):
