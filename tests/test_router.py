@@ -265,7 +265,11 @@ def test_pack_and_pad_keep_raster_order():
 
 def test_pad_and_pack_ignore_poisoned_masked_tokens():
     x, t, im, tm = _batch(3, 30, 4, 8, seed=14, poison=True)
-    out = CosineTokenRouter(gamma=0.6, temperature=0.05).eval()(x, t, image_mask=im, text_mask=tm)
+    # image 1's first tokens are masked NaN, so its padded slots gather NaN tokens
+    im[1, :25] = False
+    x[1, :25] = float("nan")
+    out = CosineTokenRouter(gamma=0.6, temperature=1.0).eval()(x, t, image_mask=im, text_mask=tm)
+    assert int(out.num_kept[1]) < int(out.num_kept.max())
     padded = out.pad(x)
     assert bool(torch.isfinite(padded.tokens).all()), "NaN leaked into padded slots"
     assert bool(torch.isfinite(out.pack(x).tokens).all())
