@@ -83,11 +83,18 @@ def open_image(source: Any) -> tuple[Image.Image, str]:
         raise SlicingError(f"image {name}: cannot be opened: {exc}") from exc
 
 
-def oriented_size(image: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` after EXIF orientation, read from the header (no pixel decoding)."""
-    orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+def oriented_size(image: Image.Image, *, decoded: bool = False) -> tuple[int, int]:
+    """``(width, height)`` after EXIF orientation. With ``decoded=False`` no pixels are decoded:
+    a PNG whose header holds no eXIf chunk counts as upright (PIL's PNG ``getexif`` would decode
+    the whole file to look for a late one)."""
     w, h = image.size
-    return (h, w) if orientation in _SWAPS_AXES else (w, h)
+    return (h, w) if _orientation(image, decoded=decoded) in _SWAPS_AXES else (w, h)
+
+
+def _orientation(image: Image.Image, *, decoded: bool) -> int:
+    if not decoded and image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return image.getexif().get(_ORIENTATION_TAG, 1)
 
 
 def check_size(
@@ -123,10 +130,10 @@ def decode(image: Image.Image, name: str) -> Image.Image:
         image.load()
     except Image.DecompressionBombError as exc:
         raise SlicingError(f"image {name}: refused as a decompression bomb by PIL: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - corrupt data surfaces as OSError, struct.error, zlib.error, ...
         raise SlicingError(f"image {name}: truncated or corrupt image data: {exc}") from exc
     # exif_transpose copies even when there is nothing to do; skip it for upright images.
-    if image.getexif().get(_ORIENTATION_TAG, 1) in (2, 3, 4, 5, 6, 7, 8):
+    if _orientation(image, decoded=True) in (2, 3, 4, 5, 6, 7, 8):
         transposed = ImageOps.exif_transpose(image)
         if transposed is not None:
             image = transposed
@@ -166,11 +173,11 @@ def load_rgb(
     image, name = open_image(source)
     owned = image is not source
     try:
-        width, height = oriented_size(image)
+        # Every size check is symmetric in width and height, so the stored (unrotated) size from
+        # the header is enough, and nothing (not even EXIF) is read before the checks pass.
         check_size(
             name,
-            width,
-            height,
+            *image.size,
             max_pixels=max_pixels,
             min_side=min_side,
             max_aspect_ratio=max_aspect_ratio,

@@ -310,8 +310,8 @@ class AdaptiveSlicer(ConfigurableMixin):
             _, height, width = self._check_tensor(source, batched=False).shape
         else:
             image, name = open_image(source)
+            self._check_size(name, *image.size)
             width, height = oriented_size(image)
-            self._check_size(name, width, height)
         return self.plan(width, height)
 
     def num_visual_tokens(self, source: Any, **kwargs: Any) -> int:
