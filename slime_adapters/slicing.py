@@ -3,7 +3,7 @@
 This module is pure Python (no torch import) so that data pipelines and token budgeting can plan
 grids without loading PyTorch. The image side — :class:`AdaptiveSlicer`, :class:`SlicerConfig`,
 :class:`SlicedImage`, :class:`SlicedBatch`, :func:`collate` — lives in ``slime_adapters._slicer``
-and is importable from here too (loaded lazily, on first access).
+and ``slime_adapters._sliced`` and is importable from here too (loaded lazily, on first access).
 
 Conventions, everywhere in this module: **width is cols, height is rows**. Sizes are
 ``(width, height)``, grids are ``(cols, rows)``, offsets are ``(x, y)``, and tiles are numbered in
