@@ -80,13 +80,15 @@ def git_commit() -> str:
 
 # ---- data -------------------------------------------------------------------------------------
 def make_images(n: int, *, seed: int, max_side: int) -> list[Image.Image]:
-    """``n`` images of varied sizes (typical ones first, then random, aspect ≤ 6) and modes."""
+    """``n`` images of varied sizes and modes: the typical sizes of the token table (clipped to
+    ``max_side``), then random ones with a log-uniform longer side in [64, max_side] (most
+    dataset images are small, a few are large) and an aspect ratio up to about 1:6."""
     rng = np.random.default_rng(seed)
-    sizes = [(min(w, max_side), min(h, max_side)) for w, h in TABLE_SIZES[:6] if w <= max_side or h <= max_side]
+    sizes = [(min(w, max_side), min(h, max_side)) for w, h in TABLE_SIZES]
     while len(sizes) < n:
-        w = int(rng.integers(64, max_side + 1))
-        h = int(np.clip(w * np.exp(rng.uniform(-1.8, 1.8)), 64, max_side))
-        sizes.append((w, h))
+        longer = int(np.exp(rng.uniform(np.log(64), np.log(max_side))))
+        shorter = max(16, int(longer * np.exp(-rng.uniform(0.0, 1.8))))
+        sizes.append((longer, shorter) if rng.random() < 0.6 else (shorter, longer))
     images = []
     for i, (w, h) in enumerate(sizes[:n]):
         # blurred noise: structure at several scales, cheap to make
