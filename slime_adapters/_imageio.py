@@ -7,7 +7,8 @@ crash or hand back a garbage array. The size checks run on the header, before pi
 Mode conversion (to RGB):
 
 * alpha modes (RGBA, LA, PA, RGBa, La, and P/L/RGB with a transparency key) are composited onto the
-  fill colour, so transparent areas look like padding rather than black;
+  fill colour, so transparent areas look like padding rather than black (``alpha="drop"``
+  discards the alpha channel instead, as the released code's ``convert("RGB")`` does);
 * I, I;16, I;16B, I;16L, I;16N are 16-bit samples: 0…65535 maps to 0…255 (÷257, rounded);
 * F is taken as 0…255 and clipped (PIL's own conversion);
 * every other mode (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX, …) through PIL's ``convert("RGB")``
@@ -140,8 +141,11 @@ def decode(image: Image.Image, name: str) -> Image.Image:
     return image
 
 
-def to_rgb(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """Convert any PIL mode to RGB (see the module docstring); RGB input is returned as is."""
+def to_rgb(image: Image.Image, fill: tuple[int, int, int], *, alpha: str = "composite") -> Image.Image:
+    """Convert any PIL mode to RGB (see the module docstring); RGB input is returned as is.
+
+    ``alpha="drop"`` ignores transparency (PIL's plain ``convert("RGB")``, what the released
+    SliME code does) instead of compositing on ``fill``."""
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image
@@ -149,11 +153,13 @@ def to_rgb(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
         samples = np.asarray(image).astype(np.float32)
         grey = np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
-    if mode in _ALPHA_MODES or "transparency" in image.info:
+    if alpha == "composite" and (mode in _ALPHA_MODES or "transparency" in image.info):
         rgba = image.convert("LA").convert("RGBA") if mode == "La" else image.convert("RGBA")
         background = Image.new("RGB", rgba.size, fill)
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
+    if mode == "La":
+        image = image.convert("LA")
     return image.convert("RGB")
 
 
@@ -161,6 +167,7 @@ def load_rgb(
     source: Any,
     *,
     fill: tuple[int, int, int],
+    alpha: str = "composite",
     max_pixels: int,
     min_side: int,
     max_aspect_ratio: float,
@@ -182,7 +189,7 @@ def load_rgb(
             min_side=min_side,
             max_aspect_ratio=max_aspect_ratio,
         )
-        rgb = to_rgb(decode(image, name), fill)
+        rgb = to_rgb(decode(image, name), fill, alpha=alpha)
     except BaseException:
         if owned:
             image.close()

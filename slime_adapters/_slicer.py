@@ -60,6 +60,7 @@ __all__ = [
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 GLOBAL_VIEWS = ("pad", "resize")
+ALPHA_RULES = ("composite", "drop")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class SlicerConfig(ConfigBase):
     """:class:`AdaptiveSlicer`'s constructor keywords. Validated on construction.
 
     ``fill=None`` means the mean colour ``int(255·mean)`` (the released code's ``expand2square``
-    colour). ``max_pixels`` guards against decompression bombs (checked on the header);
+    colour). ``alpha``: ``"composite"`` transparent pixels onto ``fill``, or ``"drop"`` the alpha
+    channel (the released code loads images with ``convert("RGB")``). ``max_pixels`` guards against decompression bombs (checked on the header);
     ``min_side`` and ``max_aspect_ratio`` reject 1-pixel lines and slivers (default 1:100: a
     1:100 strip on a 6-tile row is still 20 px high; 1:1000 would be a fraction of a pixel).
     ``parallel_resize``: the canvas and the global-view resizes of one image run on two threads
@@ -83,6 +85,7 @@ class SlicerConfig(ConfigBase):
     pinpoints: tuple[tuple[int, int], ...] | None = None
     global_view: str = "pad"
     fill: tuple[int, int, int] | None = None
+    alpha: str = "composite"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     max_pixels: int = 100_000_000
@@ -101,6 +104,8 @@ class SlicerConfig(ConfigBase):
             raise SlicingError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.global_view not in GLOBAL_VIEWS:
             raise SlicingError(f"global_view must be one of {GLOBAL_VIEWS}, got {self.global_view!r}")
+        if self.alpha not in ALPHA_RULES:
+            raise SlicingError(f"alpha must be one of {ALPHA_RULES}, got {self.alpha!r}")
         # A throw-away plan validates tile_size, max_grid, max_tiles and pinpoints in one place.
         plan_grid(
             self.tile_size,
@@ -169,6 +174,7 @@ class AdaptiveSlicer(ConfigurableMixin):
         pinpoints: Sequence[tuple[int, int]] | None = None,
         global_view: str = "pad",
         fill: tuple[int, int, int] | None = None,
+        alpha: str = "composite",
         mean: tuple[float, float, float] = CLIP_MEAN,
         std: tuple[float, float, float] = CLIP_STD,
         max_pixels: int = 100_000_000,
@@ -186,6 +192,7 @@ class AdaptiveSlicer(ConfigurableMixin):
             pinpoints=None if pinpoints is None else tuple(tuple(p) for p in pinpoints),
             global_view=global_view,
             fill=fill,
+            alpha=alpha,
             mean=mean,
             std=std,
             max_pixels=max_pixels,
@@ -209,8 +216,8 @@ class AdaptiveSlicer(ConfigurableMixin):
     @classmethod
     def reference(cls, **overrides: Any) -> AdaptiveSlicer:
         """The released SliME code's slicing: ``policy="reference"``, stretched global view,
-        black canvas padding. ``overrides`` change any other keyword."""
-        kwargs = {"policy": "reference", "global_view": "resize", "fill": (0, 0, 0)}
+        black canvas padding, alpha dropped. ``overrides`` change any other keyword."""
+        kwargs = {"policy": "reference", "global_view": "resize", "fill": (0, 0, 0), "alpha": "drop"}
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -279,6 +286,7 @@ class AdaptiveSlicer(ConfigurableMixin):
         rgb, _ = load_rgb(
             image,
             fill=self.fill,
+            alpha=c.alpha,
             max_pixels=c.max_pixels,
             min_side=c.min_side,
             max_aspect_ratio=c.max_aspect_ratio,
@@ -356,8 +364,8 @@ class AdaptiveSlicer(ConfigurableMixin):
     def slice_tensor_batch(self, images: torch.Tensor) -> SlicedBatch:
         """Slice a batch of same-sized uint8 images ``(b, c, h, w)`` on their device, vectorised.
 
-        ``c`` is 1 (grey), 3 (RGB) or 4 (RGBA, composited on the fill colour). All images share one
-        plan. Returns a :class:`SlicedBatch` with ``tiles (b·p, c, t, t)`` grouped by image.
+        ``c`` is 1 (grey), 3 (RGB) or 4 (RGBA: composited on the fill colour, or its alpha dropped,
+        as ``alpha`` says). All images share one plan. Returns a :class:`SlicedBatch` with ``tiles (b·p, c, t, t)`` grouped by image.
 
         Raises:
             SlicingError: not uint8, wrong rank or channel count, an empty batch, or a size the
@@ -372,6 +380,8 @@ class AdaptiveSlicer(ConfigurableMixin):
         fill = torch.tensor(self.fill, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         if c == 1:
             x = x.expand(b, 3, h, w)
+        elif c == 4 and self.config.alpha == "drop":
+            x = x[:, :3]
         elif c == 4:
             alpha = x[:, 3:] / 255.0
             x = x[:, :3] * alpha + fill * (1.0 - alpha)

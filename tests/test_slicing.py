@@ -172,6 +172,9 @@ def test_reference_resized_size_rounds_up_like_the_released_code():
     plan = plan_grid(500, 400, policy="reference")
     # canvas 672x336 (2x1): height binds, width = ceil(500 * 336/400) = 420
     assert plan.grid == (2, 1) and plan.resized_size == (420, 336) and plan.offset == (126, 0)
+    # float order kept on purpose: ceil(300 * (336 / 300)) = 337, as the released code computes
+    assert plan_grid(300, 300, policy="reference").resized_size == (336, 337)
+    assert plan_grid(300, 300).resized_size == (336, 336)  # the paper rule is exact
 
 
 # ---- pinpoints policy -------------------------------------------------------------------------

@@ -182,6 +182,15 @@ def test_every_mode_becomes_rgb(make, expect):
     assert np.abs(centre - want).max() < 1e-3, (centre, want)
 
 
+def test_alpha_drop_keeps_the_colour_under_transparent_pixels():
+    image = Image.new("RGBA", (40, 30), (200, 10, 10, 0))
+    for slicer in (AdaptiveSlicer(alpha="drop"), AdaptiveSlicer.reference()):
+        assert np.abs(to_pixels(slicer(image).global_view)[:, T // 2, T // 2] - [200, 10, 10]).max() < 1e-3
+    tensor = torch.tensor([200, 10, 10, 0], dtype=torch.uint8).view(1, 4, 1, 1).expand(1, 4, 30, 40)
+    out = AdaptiveSlicer(alpha="drop").slice_tensor_batch(tensor.contiguous())
+    assert np.abs(to_pixels(out.global_views[0])[:, T // 2, T // 2] - [200, 10, 10]).max() < 1e-3
+
+
 def test_palette_transparency_is_composited_on_fill():
     image = Image.new("P", (40, 30), 0)
     image.putpalette([255, 0, 0] + [0, 0, 0] * 255)
@@ -288,7 +297,9 @@ def test_config_round_trip_pickle_and_reference_preset(tmp_path):
     clone = pickle.loads(pickle.dumps(slicer))
     assert torch.equal(clone(image).tiles, slicer(image).tiles)
     ref = AdaptiveSlicer.reference()
-    assert (ref.config.policy, ref.config.global_view, ref.config.fill) == ("reference", "resize", (0, 0, 0))
+    assert (ref.config.policy, ref.config.global_view, ref.config.fill, ref.config.alpha) == (
+        "reference", "resize", (0, 0, 0), "drop"
+    )
     assert AdaptiveSlicer().fill == (122, 116, 104)  # int(255 * CLIP mean), as expand2square
     serial = AdaptiveSlicer(parallel_resize=False)
     assert torch.equal(serial(image).tiles, AdaptiveSlicer()(image).tiles)
@@ -299,6 +310,7 @@ def test_config_round_trip_pickle_and_reference_preset(tmp_path):
     [
         (dict(policy="llava"), "policy must be one of"),
         (dict(global_view="crop"), "global_view must be one of"),
+        (dict(alpha="white"), "alpha must be one of"),
         (dict(fill=(0, 0)), "fill must be three ints"),
         (dict(fill=(0, 0, 300)), "fill must be three ints"),
         (dict(std=(1.0, 0.0, 1.0)), "std must be positive"),
@@ -386,3 +398,46 @@ def test_float_tensor_and_bad_tensors():
 def test_unsupported_source_type():
     with pytest.raises(SlicingError, match=r"<list>: expected a PIL image, a path, bytes or a uint8 tensor"):
         AdaptiveSlicer()([1, 2, 3])
+
+
+def released_anyres(image: Image.Image, processor) -> torch.Tensor:
+    """The released ``process_anyres_image`` pipeline, transcribed: reference grid, resize with
+    ceil rounding, black centred canvas, row-major crops, stretched global view, CLIP preprocess."""
+    import math as m
+
+    from slime_adapters.slicing import reference_candidates
+
+    w, h = image.size
+    best, best_used, best_waste = None, 0, float("inf")
+    for cols, rows in reference_candidates(w, h):
+        cw, ch = cols * T, rows * T
+        s = min(cw / w, ch / h)
+        used = min(int(w * s) * int(h * s), w * h)
+        if used > best_used or (used == best_used and cw * ch - used < best_waste):
+            best, best_used, best_waste = (cw, ch), used, cw * ch - used
+    cw, ch = best
+    scale_w, scale_h = cw / w, ch / h  # the released float order: ceil(300 * (336/300)) = 337
+    if scale_w < scale_h:
+        nw, nh = cw, min(m.ceil(h * scale_w), ch)
+    else:
+        nw, nh = min(m.ceil(w * scale_h), cw), ch
+    canvas = Image.new("RGB", (cw, ch), (0, 0, 0))
+    canvas.paste(image.resize((nw, nh)), ((cw - nw) // 2, (ch - nh) // 2))
+    patches = [canvas.crop((x, y, x + T, y + T)) for y in range(0, ch, T) for x in range(0, cw, T)]
+    views = [image.resize((T, T))] + patches
+    return torch.stack([processor(v, return_tensors="pt")["pixel_values"][0] for v in views])
+
+
+@pytest.mark.parametrize("size", [(300, 300), (500, 400), (1000, 700), (336, 2352), (1920, 1080)])
+def test_reference_preset_reproduces_the_released_pipeline(size):
+    clip = pytest.importorskip("transformers.models.clip.image_processing_pil_clip")
+    processor = clip.CLIPImageProcessorPil(
+        size={"shortest_edge": T}, crop_size={"height": T, "width": T}
+    )
+    image = smooth(*size)
+    want = released_anyres(image, processor)
+    out = AdaptiveSlicer.reference()(image)
+    got = torch.cat([out.global_view[None], out.tiles])
+    assert got.shape == want.shape
+    err = (got - want).abs()
+    assert err.max().item() < 1e-5, f"worst {err.max().item()} at {np.unravel_index(err.argmax(), err.shape)}"
