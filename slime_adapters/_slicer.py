@@ -206,6 +206,7 @@ class AdaptiveSlicer(ConfigurableMixin):
         self.dtype = dtype
         self.device = None if device is None else torch.device(device)
         self.fill = self.config.fill_color
+        self._fill_u8 = np.asarray(self.fill, dtype=np.uint8)
         self._executor: ThreadPoolExecutor | None = None
         math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         std64 = np.asarray(self.config.std, dtype=np.float64)
@@ -308,12 +309,8 @@ class AdaptiveSlicer(ConfigurableMixin):
         else:
             resized = rgb.resize(plan.resized_size, Image.Resampling.BICUBIC)
             small = rgb.resize(view_size, Image.Resampling.BICUBIC)
-        canvas = np.empty((plan.canvas_size[1], plan.canvas_size[0], 3), dtype=np.uint8)
-        canvas[...] = self.fill
-        _paste(canvas, resized, plan.offset)
-        view = np.empty((t, t, 3), dtype=np.uint8)
-        view[...] = self.fill
-        _paste(view, small, view_offset)
+        canvas = _on_canvas(resized, plan.canvas_size, plan.offset, self._fill_u8)
+        view = _on_canvas(small, (t, t), view_offset, self._fill_u8)
         # One pass per view: uint8 read, (x·scale + bias) written, no intermediate float copy.
         out = torch.empty((1 + plan.num_tiles, 3, t, t), dtype=self._scale.dtype)
         view_t = rearrange(torch.from_numpy(view), "h w c -> c h w")
@@ -416,7 +413,18 @@ def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.clamp(0, 255).round()
 
 
-def _paste(canvas: np.ndarray, image: Image.Image, offset: tuple[int, int]) -> None:
-    x, y = offset
+def _on_canvas(
+    image: Image.Image, size: tuple[int, int], offset: tuple[int, int], fill: np.ndarray
+) -> np.ndarray:
+    """``image`` placed at ``offset`` on a ``size`` (w, h) uint8 canvas; only the margins are
+    filled, so each canvas byte is written once."""
+    (cw, ch), (x, y) = size, offset
     pixels = np.asarray(image)
-    canvas[y : y + pixels.shape[0], x : x + pixels.shape[1]] = pixels
+    h, w = pixels.shape[:2]
+    canvas = np.empty((ch, cw, 3), dtype=np.uint8)
+    canvas[:y] = fill
+    canvas[y + h :] = fill
+    canvas[y : y + h, :x] = fill
+    canvas[y : y + h, x + w :] = fill
+    canvas[y : y + h, x : x + w] = pixels
+    return canvas

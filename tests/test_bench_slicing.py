@@ -9,7 +9,6 @@ import pytest
 pytest.importorskip("transformers")
 
 
-@pytest.mark.slow
 def test_bench_slicing_tiny(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from benchmarks import bench_slicing
