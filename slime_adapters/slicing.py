@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,10 @@ _LAZY = ("AdaptiveSlicer", "SlicedBatch", "SlicedImage", "SlicerConfig", "collat
 
 class SlicingError(ValueError):
     """An image or a slicing option cannot be used; the message names the input and the problem."""
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name: str) -> Any:
@@ -131,8 +136,7 @@ class SlicePlan:
 
     def num_local_tokens(self, nq: int) -> int:
         """Local tokens after query compression: ``num_tiles · nq``. Raises on ``nq < 0``."""
-        _check_int("nq", nq, minimum=0)
-        return self.num_tiles * nq
+        return self.num_tiles * _check_int("nq", nq, minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (lists for the pairs)."""
@@ -151,11 +155,12 @@ class SlicePlan:
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int (numpy integers welcome); raises for bools, floats, small values."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise SlicingError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise SlicingError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def _paper_fit(width: int, height: int, cw: int, ch: int) -> tuple[int, int, int]:
@@ -232,12 +237,12 @@ def plan_grid(
             with ``policy="reference"``, ``pinpoints`` with another policy, or a pinpoint that is
             not a positive multiple of ``tile_size`` or exceeds ``max_grid``/``max_tiles``.
     """
-    _check_int("width", width, minimum=1)
-    _check_int("height", height, minimum=1)
-    _check_int("tile_size", tile_size, minimum=1)
-    _check_int("max_grid", max_grid, minimum=1)
+    width = _check_int("width", width, minimum=1)
+    height = _check_int("height", height, minimum=1)
+    tile_size = _check_int("tile_size", tile_size, minimum=1)
+    max_grid = _check_int("max_grid", max_grid, minimum=1)
     if max_tiles is not None:
-        _check_int("max_tiles", max_tiles, minimum=1)
+        max_tiles = _check_int("max_tiles", max_tiles, minimum=1)
     if policy not in POLICIES:
         raise SlicingError(f"policy must be one of {POLICIES}, got {policy!r}")
     if pinpoints is not None and policy != "pinpoints":
@@ -343,9 +348,9 @@ def visual_token_count(
     """
     if not isinstance(plan, SlicePlan):
         raise SlicingError(f"plan must be a SlicePlan, got {type(plan).__name__}")
-    _check_int("global_tokens", global_tokens, minimum=0)
-    _check_int("num_queries", num_queries, minimum=0)
-    _check_int("separator", separator, minimum=0)
+    global_tokens = _check_int("global_tokens", global_tokens, minimum=0)
+    num_queries = _check_int("num_queries", num_queries, minimum=0)
+    separator = _check_int("separator", separator, minimum=0)
     if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, int | float):
         raise SlicingError(f"keep_fraction must be a number in (0, 1], got {keep_fraction!r}")
     if not 0.0 < keep_fraction <= 1.0:

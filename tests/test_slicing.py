@@ -270,6 +270,12 @@ def test_token_count_errors_on_non_plan_and_negative_nq():
         plan_grid(500, 400).num_local_tokens(-1)
 
 
+def test_numpy_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    plan = plan_grid(np.int64(1920), np.int32(1080), max_tiles=np.int64(8))
+    assert plan == plan_grid(1920, 1080, max_tiles=8) and type(plan.image_size[0]) is int
+
+
 def test_plan_is_frozen_and_serialises():
     plan = plan_grid(1920, 1080)
     with pytest.raises(AttributeError):
