@@ -31,7 +31,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from slime_adapters.slicing import SlicingError
 
-__all__ = ["describe_source", "open_image", "oriented_size", "to_rgb"]
+__all__ = [
+    "check_size",
+    "decode",
+    "describe_source",
+    "load_rgb",
+    "open_image",
+    "oriented_size",
+    "to_rgb",
+]
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _SIXTEEN_BIT = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})

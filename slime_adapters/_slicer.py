@@ -250,8 +250,12 @@ class AdaptiveSlicer(ConfigurableMixin):
             _, height, width = self._check_tensor(source, batched=False).shape
         else:
             image, name = open_image(source)
-            self._check_size(name, *image.size)
-            width, height = oriented_size(image)
+            try:
+                self._check_size(name, *image.size)
+                width, height = oriented_size(image)
+            finally:
+                if image is not source:
+                    image.close()
         return self.plan(width, height)
 
     def num_visual_tokens(self, source: Any, **kwargs: Any) -> int:
