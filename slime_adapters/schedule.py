@@ -212,7 +212,8 @@ class AlternatingScheduler:
         return sorted(self._names.values())
 
     # -- stages ---------------------------------------------------------------------------------
-    def _resolve(self, stage: int | str | Stage) -> int:
+    def index_of(self, stage: int | str | Stage) -> int:
+        """The index of ``stage`` (index, name or Stage). Raises ScheduleError if unknown."""
         if isinstance(stage, Stage):
             stage = stage.name
         if isinstance(stage, str):
@@ -247,7 +248,7 @@ class AlternatingScheduler:
         Raises:
             ScheduleError: unknown stage name or index out of range.
         """
-        index = self._resolve(stage)
+        index = self.index_of(stage)
         self._index = index
         self._step_in_stage = 0
         self._finished = False
@@ -379,7 +380,7 @@ class AlternatingScheduler:
                 f"this scheduler has {names}"
             )
         index = state["stage_index"]
-        self._index = None if index is None else self._resolve(int(index))
+        self._index = None if index is None else self.index_of(int(index))
         self._step_in_stage = int(state["step_in_stage"])
         self._total_steps = int(state.get("total_steps", self._step_in_stage))
         self._finished = bool(state.get("finished", False))
