@@ -309,6 +309,22 @@ class AlternatingScheduler:
                 })
         return groups
 
+    def name_of(self, param: nn.Parameter) -> str:
+        """The scheduler's name for ``param``. Raises ScheduleError if it controls no such one."""
+        try:
+            return self._names[id(param)]
+        except KeyError:
+            raise ScheduleError(f"parameter of shape {tuple(param.shape)} is not controlled by "
+                                "this scheduler") from None
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` for the current stage's trainable parameters, in group order."""
+        return [(self._names[id(p)], p) for g in self.param_groups() for p in g["params"]]
+
+    def requires_grad_parameter_names(self) -> list[str]:
+        """Sorted names of the controlled parameters whose ``requires_grad`` is set right now."""
+        return sorted(self._names[id(p)] for p in self._universe if p.requires_grad)
+
     def trainable_parameter_names(self) -> list[str]:
         """Sorted names of the parameters that train in the current stage."""
         return sorted(self._names[id(p)] for g in self.param_groups() for p in g["params"])
