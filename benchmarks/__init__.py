@@ -1,0 +1,1 @@
+"""Benchmarks and experiments; each runnable as ``python -m benchmarks.<name>``."""
