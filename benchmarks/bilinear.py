@@ -178,10 +178,12 @@ def evaluate(args: argparse.Namespace) -> dict:
             picks = list(range(min(5, args.trials))) + [args.trials, args.trials + 1][: args.trials]
             k = len(picks)
 
+            to_tv = coords(torch.eye(args.dim, dtype=torch.float64), prob["basis"])  # (d, 2)
+
             def observe(u: torch.Tensor) -> torch.Tensor:
                 # Along the way: |cos| of u to the optimum's direction (n,), and (τ, ν) of k paths.
                 cos = ((u / u.norm(dim=-1, keepdim=True)) @ prob["best"]).abs()
-                return torch.cat([cos, coords(u[picks], prob["basis"]).flatten()])
+                return torch.cat([cos, (u[picks] @ to_tv).flatten()])
 
             obs, u, v = run(method, u0, v0, prob["x"], args.steps, args.lr, observe)
             n = u0.shape[0]

@@ -278,7 +278,9 @@ def load_module(
             try:
                 saved_config = config_class.from_dict(json.loads(saved))
             except (ConfigError, json.JSONDecodeError) as exc:
-                raise CheckpointError(f"{str(weights_path)!r}: unreadable config metadata: {exc}") from exc
+                raise CheckpointError(
+                    f"{str(weights_path)!r}: unreadable config metadata: {exc}"
+                ) from exc
         if saved_config != config:
             raise CheckpointError(
                 f"{str(directory)!r}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves "

@@ -54,6 +54,7 @@ __all__ = [
     "reference_stages",
 ]
 
+
 @dataclasses.dataclass(frozen=True)
 class RoleSpec:
     """The parameters of ``module`` whose names match any of ``patterns`` (``None``: all of them).
@@ -66,11 +67,15 @@ class RoleSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.module, nn.Module):
-            raise ScheduleError(f"RoleSpec: module must be an nn.Module, got {type(self.module).__name__}")
+            raise ScheduleError(
+                f"RoleSpec: module must be an nn.Module, got {type(self.module).__name__}"
+            )
         if self.patterns is not None:
             pats = (self.patterns,) if isinstance(self.patterns, str) else tuple(self.patterns)
             if not pats or any(not isinstance(p, str) or not p for p in pats):
-                raise ScheduleError(f"RoleSpec: patterns must be non-empty strings, got {self.patterns!r}")
+                raise ScheduleError(
+                    f"RoleSpec: patterns must be non-empty strings, got {self.patterns!r}"
+                )
             object.__setattr__(self, "patterns", pats)
 
     def matches(self, name: str) -> bool:
@@ -86,8 +91,8 @@ class RoleSpec:
 def projector_roles(projector: nn.Module) -> dict[str, RoleSpec]:
     """The three roles inside a NoisyMoEProjector, selected by parameter name.
 
-    ``mlp_expert``: ``mlp.*``; ``query_expert``: ``query_expert.*`` and ``query_mlp.*`` (present only
-    when the query expert has its own MLP); ``gate``: ``w_gate`` and ``w_noise``.
+    ``mlp_expert``: ``mlp.*``; ``query_expert``: ``query_expert.*`` and ``query_mlp.*`` (present
+    only when the query expert has its own MLP); ``gate``: ``w_gate`` and ``w_noise``.
 
     Raises:
         ScheduleError: ``projector`` lacks an ``mlp``, ``query_expert`` or ``w_gate`` attribute.
@@ -147,7 +152,9 @@ class AlternatingScheduler:
             raise ScheduleError("AlternatingScheduler: stages is empty")
         for s in stages:
             if not isinstance(s, Stage):
-                raise ScheduleError(f"AlternatingScheduler: stages must be Stage objects, got {s!r}")
+                raise ScheduleError(
+                    f"AlternatingScheduler: stages must be Stage objects, got {s!r}"
+                )
         names = [s.name for s in stages]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

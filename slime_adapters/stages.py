@@ -88,14 +88,20 @@ class Stage:
             raise ScheduleError(f"Stage: name must be a non-empty string, got {self.name!r}")
         trainable = (self.trainable,) if isinstance(self.trainable, str) else tuple(self.trainable)
         if not trainable:
-            raise ScheduleError(f"Stage {self.name!r}: trainable is empty; a stage must train a role")
+            raise ScheduleError(
+                f"Stage {self.name!r}: trainable is empty; a stage must train a role"
+            )
         if any(not isinstance(r, str) or not r for r in trainable):
-            raise ScheduleError(f"Stage {self.name!r}: trainable must hold role names, got {trainable}")
+            raise ScheduleError(
+                f"Stage {self.name!r}: trainable must hold role names, got {trainable}"
+            )
         if len(set(trainable)) != len(trainable):
             raise ScheduleError(f"Stage {self.name!r}: trainable names a role twice: {trainable}")
         object.__setattr__(self, "trainable", trainable)
         if self.views not in VIEWS:
-            raise ScheduleError(f"Stage {self.name!r}: views={self.views!r}, expected one of {VIEWS}")
+            raise ScheduleError(
+                f"Stage {self.name!r}: views={self.views!r}, expected one of {VIEWS}"
+            )
         _check_lr(self.name, "lr", self.lr)
         if self.role_lr is not None:
             pairs = self.role_lr.items() if isinstance(self.role_lr, Mapping) else self.role_lr
@@ -216,7 +222,8 @@ def alternating(
         return Stage(name, tuple(trainable), views=views, lr=lr, steps=_steps(steps, name))
 
     if rounds == 0:
-        out = [one("I", projector, "global", adapter_lr), one("II", compressor, "local", adapter_lr)]
+        out = [one("I", projector, "global", adapter_lr),
+               one("II", compressor, "local", adapter_lr)]
     else:
         out = [one("I", projector, "global", adapter_lr)]
         for i in range(1, rounds + 1):

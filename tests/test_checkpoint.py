@@ -213,3 +213,14 @@ def test_check_state_dict_accepts_a_fitting_state():
     check_state_dict(m, m.state_dict())
     with pytest.raises(CheckpointError, match="src: checkpoint does not fit Block: missing keys \\['mean'\\]"):
         check_state_dict(m, {k: v for k, v in m.state_dict().items() if k != "mean"}, source="src")
+
+
+def test_unreadable_config_metadata_in_weights(tmp_path):
+    m = Block()
+    save_module(m, tmp_path)
+    tensors = {k: v.contiguous() for k, v in m.state_dict().items()}
+    save_file(tensors, str(tmp_path / WEIGHTS_NAME), metadata={"slime_adapters_config": "{bad"})
+    with pytest.raises(CheckpointError, match="unreadable config metadata"):
+        load_module(tmp_path)
+    _, meta = read_safetensors(tmp_path / WEIGHTS_NAME)
+    assert meta["slime_adapters_config"] == "{bad"
