@@ -285,8 +285,8 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
             grids_t = _as_long(grids, "grids", device)
             if grids_t.dim() != 2 or grids_t.shape[1] != 2:
                 raise ValueError(f"grids must be (b, 2) as (cols, rows), got {tuple(grids_t.shape)}")
-            if (grids_t < 1).any():
-                raise ValueError("grids must hold positive (cols, rows)")
+            if (grids_t < 0).any():
+                raise ValueError("grids must hold non-negative (cols, rows); (0, 0) = no tiles")
             if batch is not None and grids_t.shape[0] != batch:
                 raise ValueError(
                     f"grids describe {grids_t.shape[0]} images but global_features has {batch}"
@@ -325,7 +325,7 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
             keep_parts.append(torch.ones(batch, 1, dtype=torch.bool, device=sep.device))
             num_sep = 1
         if use_local:
-            local = self.encode_local(tile_features)  # (p, q, dl)
+            local = self.encode_local(tile_features)  # (p, q, dl); p may be 0
             raster, valid = self.local_raster(local, grids_t)
             num_local = valid.sum(1)
             routed = self._route(raster, valid, text_embeds, text_mask, router_gamma)
