@@ -44,6 +44,7 @@ def splice_into_embeddings(
     *,
     ignore_index: int = -100,
     padding_side: str = "right",
+    drop_padding: bool = False,
 ) -> SplicedInputs:
     """Replace each image placeholder by that image's visual tokens, for the whole batch at once.
 
@@ -58,6 +59,8 @@ def splice_into_embeddings(
         attention_mask: optional ``(b, t)``; its values are carried over for text tokens.
         ignore_index: the label of positions that carry no loss.
         padding_side: ``"right"`` (training) or ``"left"`` (batched generation).
+        drop_padding: drop text tokens whose ``attention_mask`` is 0 (the input's own padding),
+            so that every row ends with its last real token: what left-padded generation needs.
 
     Returns:
         :class:`SplicedInputs`.
@@ -101,8 +104,14 @@ def splice_into_embeddings(
             f"visual token lengths sum to {int(lengths.sum())} but packed holds {packed.shape[0]}"
         )
 
-    # Width of every input position once spliced: 1 for text, n_k for the k-th placeholder.
-    width = torch.ones(b, t, dtype=torch.long, device=device)
+    if drop_padding and attention_mask is None:
+        raise ValueError("drop_padding=True needs the attention_mask that marks the padding")
+    is_text = ~is_image
+    if drop_padding:
+        is_text = is_text & (attention_mask != 0)
+    # Width of every input position once spliced: 1 for text, n_k for the k-th placeholder,
+    # 0 for dropped padding.
+    width = is_text.long()
     width = width.masked_scatter(is_image, lengths)
     end = torch.cumsum(width, dim=1)  # exclusive end column of every input position
     start = end - width
@@ -116,7 +125,7 @@ def splice_into_embeddings(
     out_labels = None if labels is None else labels.new_full((b, t_new), ignore_index)
 
     # Text tokens keep their own embedding, mask and label.
-    text_rows, text_cols = torch.nonzero(~is_image, as_tuple=True)
+    text_rows, text_cols = torch.nonzero(is_text, as_tuple=True)
     dest = start[text_rows, text_cols]
     out[text_rows, dest] = input_embeds[text_rows, text_cols]
     out_mask[text_rows, dest] = (

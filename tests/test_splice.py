@@ -26,13 +26,15 @@ def _batch(seed=0, d=6):
     return embeds, ids, labels, mask, packed, lengths
 
 
+@pytest.mark.parametrize("drop_padding", [False, True])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_matches_loop_oracle(padding_side):
+def test_matches_loop_oracle(padding_side, drop_padding):
     embeds, ids, labels, mask, packed, lengths = _batch()
     out = splice_into_embeddings(embeds, ids, IMG, (packed, lengths), labels=labels,
-                                 attention_mask=mask, padding_side=padding_side)
+                                 attention_mask=mask, padding_side=padding_side,
+                                 drop_padding=drop_padding)
     ref = splice_reference(embeds, ids, IMG, packed, lengths, labels=labels, attention_mask=mask,
-                           padding_side=padding_side)
+                           padding_side=padding_side, drop_padding=drop_padding)
     torch.testing.assert_close(out.inputs_embeds, ref["inputs_embeds"], rtol=0, atol=0)
     assert torch.equal(out.attention_mask, ref["attention_mask"])
     assert torch.equal(out.labels, ref["labels"])
@@ -86,6 +88,7 @@ def test_placeholder_count_mismatch_raises():
         (dict(labels_shape=True), "labels must be"),
         (dict(padding_side="middle"), "padding_side"),
         (dict(bad_sum=True), "lengths sum to"),
+        (dict(drop_padding=True), "drop_padding=True needs the attention_mask"),
     ],
 )
 def test_bad_input(kwargs, match):
@@ -100,7 +103,8 @@ def test_bad_input(kwargs, match):
         packed = packed[:-1]
     with pytest.raises(ValueError, match=match):
         splice_into_embeddings(embeds, ids, IMG, (packed, lengths), labels=labels,
-                               padding_side=kwargs.get("padding_side", "right"))
+                               padding_side=kwargs.get("padding_side", "right"),
+                               drop_padding=kwargs.get("drop_padding", False))
 
 
 def test_tiny_llama_forward_on_spliced_embeddings():
@@ -127,3 +131,13 @@ def test_tiny_llama_forward_on_spliced_embeddings():
     # labels: text labels kept in order, visual positions ignored
     assert out.labels[0].tolist() == [1, -100, -100, -100, 3, 4, 5]
     assert out.labels[1].tolist() == [-100, -100, 2, 9, 8, 3, -100]
+
+
+def test_drop_padding_left_pads_for_generation():
+    embeds, ids, labels, mask, packed, lengths = _batch()
+    out = splice_into_embeddings(embeds, ids, IMG, (packed, lengths), attention_mask=mask,
+                                 padding_side="left", drop_padding=True)
+    # every row ends with its last real token; row 0 loses its two padding tokens
+    assert out.attention_mask[:, -1].tolist() == [1, 1, 1]
+    torch.testing.assert_close(out.inputs_embeds[0, -1], embeds[0, 4])
+    assert int(out.attention_mask[0].sum()) == 4 + 4

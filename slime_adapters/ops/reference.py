@@ -69,6 +69,7 @@ def splice_reference(
     attention_mask: Tensor | None = None,
     ignore_index: int = -100,
     padding_side: str = "right",
+    drop_padding: bool = False,
 ) -> dict[str, Tensor | None]:
     """Per-sample, per-token loop version of ``splice_into_embeddings``."""
     images = list(torch.split(packed, [int(n) for n in lengths]))
@@ -83,6 +84,8 @@ def splice_reference(
                     m.append(1)
                     lab.append(ignore_index)
                 k += 1
+            elif drop_padding and int(attention_mask[r, c]) == 0:
+                continue
             else:
                 e.append(input_embeds[r, c])
                 m.append(1 if attention_mask is None else int(attention_mask[r, c]))
