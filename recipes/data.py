@@ -1,0 +1,176 @@
+"""Data for the recipes: LLaVA-format conversations, a generated task, prompts with answer-only loss.
+
+A LLaVA-format record is ``{"id": ..., "image": "relative/path.png", "conversations": [{"from":
+"human", "value": "<image>\\nQuestion?"}, {"from": "gpt", "value": "Answer."}, ...]}``.
+
+:func:`make_color_dataset` writes such a dataset itself (no download): images of varied sizes and
+aspect ratios with one small coloured square somewhere, and the question "what color is the
+square?". The square is small next to the whole image, so the global 336-px view blurs it and the
+local tiles are what makes the answer easy.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from slime_adapters.config import atomic_write_text
+from slime_adapters.slicing import AdaptiveSlicer, SlicedImage, collate
+
+IMAGE_TOKEN = "<image>"
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 220, 30),
+    "purple": (150, 40, 190),
+    "orange": (245, 140, 20),
+}
+QUESTIONS = ("what color is the square ?", "which color does the small square have ?")
+SIZES = ((336, 336), (672, 336), (336, 672), (600, 480), (900, 500), (400, 1000), (1008, 672))
+
+
+def make_color_dataset(out_dir: str | Path, num: int, *, seed: int = 0,
+                       square: int = 28) -> Path:
+    """Write ``num`` generated images and ``data.json`` (LLaVA format) into ``out_dir``.
+
+    Returns the path of ``data.json``. Files are written before the index, which is written
+    atomically, so an interrupted call leaves no index that points at missing images."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    for i in range(num):
+        w, h = rng.choice(SIZES)
+        color = rng.choice(sorted(COLORS))
+        base = [rng.randrange(60, 200) for _ in range(3)]
+        img = Image.new("RGB", (w, h), tuple(base))
+        # low-contrast clutter so the square is not the only structure in the image
+        for _ in range(12):
+            x0, y0 = rng.randrange(0, w - 40), rng.randrange(0, h - 40)
+            shade = tuple(min(255, max(0, c + rng.randrange(-40, 40))) for c in base)
+            img.paste(shade, (x0, y0, x0 + rng.randrange(20, 80), y0 + rng.randrange(20, 80)))
+        x0, y0 = rng.randrange(0, w - square), rng.randrange(0, h - square)
+        img.paste(COLORS[color], (x0, y0, x0 + square, y0 + square))
+        name = f"img_{i:05d}.png"
+        img.save(out / name)
+        records.append({
+            "id": f"color-{i}",
+            "image": name,
+            "conversations": [
+                {"from": "human", "value": f"{IMAGE_TOKEN}\n{rng.choice(QUESTIONS)}"},
+                {"from": "gpt", "value": color},
+            ],
+        })
+    index = out / "data.json"
+    atomic_write_text(index, json.dumps(records, indent=1))
+    return index
+
+
+def build_word_tokenizer(extra_words: Sequence[str] = ()):
+    """A word-level Hugging Face tokenizer over the generated task's words (built in code, offline).
+
+    Special tokens: ``<pad>`` ``<unk>`` ``<s>`` ``</s>`` and the image placeholder ``<image>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN, "USER:", "ASSISTANT:"]
+    for q in QUESTIONS:
+        words += q.split()
+    words += sorted(COLORS) + list(extra_words)
+    vocab: dict[str, int] = {}
+    for wd in words:
+        vocab.setdefault(wd, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=[IMAGE_TOKEN])
+
+
+@dataclass
+class Example:
+    """One tokenised conversation turn with its sliced image."""
+
+    image: SlicedImage
+    input_ids: torch.Tensor  # (t,) prompt + answer
+    labels: torch.Tensor  # (t,) -100 on the prompt
+    question_ids: torch.Tensor  # (l,) the question alone, for the router
+    answer: str
+
+
+def encode_plain(tokenizer, question: str, answer: str | None) -> tuple[list[int], list[int], list[int]]:
+    """The ``plain`` template: ``<s> USER: <image> question ASSISTANT: answer </s>``.
+
+    Returns (input_ids, labels, question_ids); labels cover only the answer and ``</s>``; without
+    an answer the prompt ends after ``ASSISTANT:`` (for generation)."""
+    q = question.replace(IMAGE_TOKEN, " ").strip()
+    prompt = [tokenizer.bos_token_id] + tokenizer.convert_tokens_to_ids(["USER:", IMAGE_TOKEN])
+    q_ids = tokenizer(q, add_special_tokens=False).input_ids
+    prompt = prompt + q_ids + tokenizer.convert_tokens_to_ids(["ASSISTANT:"])
+    if answer is None:
+        return prompt, [-100] * len(prompt), q_ids
+    a_ids = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return prompt + a_ids, [-100] * len(prompt) + a_ids, q_ids
+
+
+class LlavaJsonDataset(torch.utils.data.Dataset):
+    """A LLaVA-format JSON file: every record's first human/gpt pair, sliced and tokenised."""
+
+    def __init__(self, index: str | Path, *, tokenizer, slicer: AdaptiveSlicer,
+                 image_root: str | Path | None = None) -> None:
+        index = Path(index)
+        if not index.is_file():
+            raise FileNotFoundError(f"dataset index {str(index)!r} does not exist")
+        try:
+            self.records = json.loads(index.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"dataset index {str(index)!r} is not valid JSON: {exc}") from exc
+        if not isinstance(self.records, list):
+            raise ValueError(f"dataset index {str(index)!r} must hold a JSON list of records")
+        for i, rec in enumerate(self.records):
+            conv = rec.get("conversations") if isinstance(rec, dict) else None
+            if not conv or len(conv) < 2 or "image" not in rec:
+                raise ValueError(
+                    f"record {i} of {str(index)!r} needs 'image' and at least one human/gpt pair"
+                )
+        self.root = Path(image_root) if image_root is not None else index.parent
+        self.tokenizer = tokenizer
+        self.slicer = slicer
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Example:
+        rec = self.records[i]
+        question, answer = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+        ids, labels, q_ids = encode_plain(self.tokenizer, question, answer)
+        return Example(self.slicer(self.root / rec["image"]), torch.tensor(ids),
+                       torch.tensor(labels), torch.tensor(q_ids), answer)
+
+
+def collate_examples(examples: Sequence[Example], pad_id: int) -> dict[str, object]:
+    """Batch examples: sliced images packed (no tile padding), text right-padded."""
+    def pad(seqs, value):
+        out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
+        for i, s in enumerate(seqs):  # collation runs on the host, once per batch
+            out[i, :len(s)] = s
+        return out
+
+    images = collate([e.image for e in examples])
+    input_ids = pad([e.input_ids for e in examples], pad_id)
+    return {
+        "images": images,
+        "input_ids": input_ids,
+        "attention_mask": (pad([torch.ones_like(e.input_ids) for e in examples], 0)),
+        "labels": pad([e.labels for e in examples], -100),
+        "question_ids": pad([e.question_ids for e in examples], pad_id),
+        "question_mask": pad([torch.ones_like(e.question_ids) for e in examples], 0).bool(),
+        "answers": [e.answer for e in examples],
+    }
