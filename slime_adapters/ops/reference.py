@@ -487,7 +487,7 @@ def adapter_reference(
                 r, c = divmod(t, cols)
                 raster[r * side:(r + 1) * side, c * side:(c + 1) * side] = local[t].reshape(
                     side, side, -1)
-            raster = raster.reshape(rows * cols * side * side, -1)
+            raster = raster.reshape(rows * cols * side * side, local.shape[-1])
             gamma = adapter.router.config.gamma if router_gamma is None else router_gamma
             if text_embeds is None and gamma >= 1.0:
                 keep = torch.ones(raster.shape[0], dtype=torch.bool)
