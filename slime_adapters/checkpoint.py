@@ -21,6 +21,7 @@ Shapes: state dicts are ``name -> tensor`` of any shape; nothing is reshaped her
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -101,8 +102,26 @@ def register_module(kind: str, cls: type[nn.Module] | None = None):
     return register if cls is None else register(cls)
 
 
+# The library's own modules, imported on first use so that this module imports none of them.
+_BUILTIN = {
+    "query_compressor": ("slime_adapters.compressor", "QueryCompressor"),
+    "noisy_moe_projector": ("slime_adapters.projector", "NoisyMoEProjector"),
+    "cosine_token_router": ("slime_adapters.router", "CosineTokenRouter"),
+    "slime_visual_adapter": ("slime_adapters.adapter", "SliMEVisualAdapter"),
+}
+
+
+def _lookup(kind: str) -> type[nn.Module] | None:
+    if kind not in _REGISTRY and kind in _BUILTIN:
+        module, name = _BUILTIN[kind]
+        register_module(kind, getattr(importlib.import_module(module), name))
+    return _REGISTRY.get(kind)
+
+
 def registered_kinds() -> dict[str, type[nn.Module]]:
-    """A copy of the ``kind -> class`` registry."""
+    """A copy of the ``kind -> class`` registry, the library's own modules included."""
+    for kind in _BUILTIN:
+        _lookup(kind)
     return dict(_REGISTRY)
 
 
@@ -251,7 +270,7 @@ def load_module(
     data = _read_config(directory)
     kind = data["kind"]
     if cls is None:
-        if kind not in _REGISTRY:
+        if _lookup(kind) is None:
             raise CheckpointError(
                 f"{str(directory)!r}: no module registered for kind {kind!r} (registered: "
                 f"{sorted(_REGISTRY)}); pass cls= or call register_module"

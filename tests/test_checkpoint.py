@@ -224,3 +224,21 @@ def test_unreadable_config_metadata_in_weights(tmp_path):
         load_module(tmp_path)
     _, meta = read_safetensors(tmp_path / WEIGHTS_NAME)
     assert meta["slime_adapters_config"] == "{bad"
+
+
+def test_library_modules_load_without_cls(tmp_path):
+    from slime_adapters.adapter import SliMEVisualAdapter, SliMEVisualAdapterConfig
+    from slime_adapters.compressor import QueryCompressorConfig
+    from slime_adapters.projector import NoisyMoEProjectorConfig
+
+    torch.manual_seed(0)
+    adapter = SliMEVisualAdapter.from_config(SliMEVisualAdapterConfig(
+        projector=NoisyMoEProjectorConfig(in_dim=16, out_dim=24, num_tokens=4, num_heads=2),
+        compressor=QueryCompressorConfig(dim=16, num_queries=4, num_heads=2)))
+    save_module(adapter, tmp_path / "adapter")
+    back = load_module(tmp_path / "adapter")
+    assert type(back) is SliMEVisualAdapter and back.config == adapter.config
+    for (name, a), (_, b) in zip(adapter.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert {"query_compressor", "noisy_moe_projector", "cosine_token_router",
+            "slime_visual_adapter"} <= set(registered_kinds())
