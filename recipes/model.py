@@ -74,11 +74,10 @@ class SliMEForCausalLM(nn.Module):
         feats = self.encode_views(torch.cat(needed).to(dev))
         glob = feats[:b] if views != "local" else None
         tiles = feats[b if views != "local" else 0:] if views != "global" else None
-        grids = torch.tensor([p.grid for p in images.plans], dtype=torch.long)
         text = None
         if question_ids is not None:
             text = self.llm.get_input_embeddings()(question_ids.to(dev))
-        return self.adapter(glob, tiles, grids=grids, text_embeds=text,
+        return self.adapter(glob, tiles, grids=images.grids, text_embeds=text,
                             text_mask=None if question_mask is None else question_mask.to(dev),
                             views=views, force_expert=force_expert, router_gamma=router_gamma)
 
@@ -109,10 +108,13 @@ class SliMEForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, *, images: SlicedBatch, input_ids: Tensor, attention_mask: Tensor,
                  question_ids: Tensor | None = None, question_mask: Tensor | None = None,
+                 views: str | None = None, router_gamma: float | None = None,
                  max_new_tokens: int = 8, **kwargs) -> Tensor:
-        """Greedy (or ``kwargs``-configured) generation; returns only the new token ids."""
+        """Greedy (or ``kwargs``-configured) generation from prompts that end where the answer
+        starts (right-padded, as collated); returns only the new token ids."""
         dev = next(self.adapter.parameters()).device
-        visual = self.visual_tokens(images, question_ids=question_ids, question_mask=question_mask)
+        visual = self.visual_tokens(images, question_ids=question_ids, question_mask=question_mask,
+                                    views=views, router_gamma=router_gamma)
         input_ids = input_ids.to(dev)
         embeds = self.llm.get_input_embeddings()(input_ids)
         spliced = splice_into_embeddings(embeds, input_ids, self.image_token_id, visual,

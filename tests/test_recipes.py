@@ -1,0 +1,116 @@
+"""Recipes: generated data, prompt encoding, the full model over inputs_embeds, the demo job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from recipes.data import (  # noqa: E402
+    COLORS,
+    LlavaJsonDataset,
+    build_word_tokenizer,
+    collate_examples,
+    encode_plain,
+    make_color_dataset,
+)
+from recipes.demo import build_model, main, roles_of  # noqa: E402
+from slime_adapters import AdaptiveSlicer, load_module  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tokenizer):
+    index = make_color_dataset(tmp_path_factory.mktemp("data"), 6, seed=3)
+    return LlavaJsonDataset(index, tokenizer=tokenizer, slicer=AdaptiveSlicer(max_tiles=4))
+
+
+def test_generated_dataset_is_llava_format(dataset):
+    rec = dataset.records[0]
+    assert rec["conversations"][0]["from"] == "human"
+    assert rec["conversations"][0]["value"].startswith("<image>\n")
+    assert rec["conversations"][1]["value"] in COLORS
+    assert (dataset.root / rec["image"]).is_file()
+
+
+def test_plain_template_puts_loss_on_the_answer_only(tokenizer):
+    ids, labels, q = encode_plain(tokenizer, "<image>\nwhat color is the square ?", "red")
+    toks = tokenizer.convert_ids_to_tokens(ids)
+    assert toks[:3] == ["<s>", "USER:", "<image>"] and toks[-3:] == ["ASSISTANT:", "red", "</s>"]
+    assert [t for t, lab in zip(toks, labels) if lab != -100] == ["red", "</s>"]
+    assert tokenizer.convert_ids_to_tokens(q) == "what color is the square ?".split()
+    prompt, plabels, _ = encode_plain(tokenizer, "what color is the square ?", None)
+    assert prompt == ids[:-2] and set(plabels) == {-100}
+
+
+def test_collate_packs_tiles_and_pads_text(dataset, tokenizer):
+    items = [dataset[i] for i in range(3)]
+    batch = collate_examples(items, tokenizer.pad_token_id)
+    assert batch["images"].tiles.shape[0] == sum(it.image.num_tiles for it in items)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    for i, it in enumerate(items):
+        n = len(it.input_ids)
+        assert torch.equal(batch["input_ids"][i, :n], it.input_ids)
+        assert batch["attention_mask"][i].sum() == n
+
+
+def test_dataset_errors(tmp_path, tokenizer):
+    slicer = AdaptiveSlicer()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LlavaJsonDataset(tmp_path / "none.json", tokenizer=tokenizer, slicer=slicer)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        LlavaJsonDataset(bad, tokenizer=tokenizer, slicer=slicer)
+    bad.write_text(json.dumps([{"image": "x.png", "conversations": []}]))
+    with pytest.raises(ValueError, match="record 0 .* needs 'image' and at least one"):
+        LlavaJsonDataset(bad, tokenizer=tokenizer, slicer=slicer)
+
+
+def test_full_model_forward_backward_and_generate(dataset, tokenizer):
+    torch.manual_seed(0)
+    model = build_model(tokenizer)
+    batch = collate_examples([dataset[i] for i in range(2)], tokenizer.pad_token_id)
+    out = model(images=batch["images"], input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"], labels=batch["labels"],
+                question_ids=batch["question_ids"], question_mask=batch["question_mask"])
+    assert torch.isfinite(out.loss)
+    # the spliced sequence is the text plus every image's visual tokens (one placeholder each)
+    assert out.spliced.inputs_embeds.shape[1] >= int(out.visual.lengths.max())
+    out.loss.backward()
+    assert model.adapter.compressor.query.grad is not None
+    assert model.llm.get_input_embeddings().weight.grad is not None
+    prompt = batch["input_ids"].clone()
+    keep = batch["labels"] == -100
+    new = model.generate(images=batch["images"], input_ids=torch.where(keep, prompt, 0),
+                         attention_mask=keep.long(), question_ids=batch["question_ids"],
+                         question_mask=batch["question_mask"], max_new_tokens=2)
+    assert new.shape == (2, 2)
+
+
+def test_roles_cover_the_model_without_overlap_in_vision(tokenizer):
+    model = build_model(tokenizer)
+    roles = roles_of(model)
+    assert set(roles) == {"mlp_expert", "query_expert", "gate", "compressor", "llm", "vision"}
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    report = main(["--out", str(tmp_path), "--train", "8", "--eval", "4", "--steps", "2", "2", "2",
+                   "--batch-size", "4", "--no-check-loss"])
+    assert [s["stage"] for s in report["stages"]] == ["I", "II", "III"]
+    assert [s["views"] for s in report["stages"]] == ["global", "local", "both"]
+    # stage II trains only the local path: far fewer parameters than stage III
+    assert report["stages"][1]["trainable_parameters"] < report["stages"][2]["trainable_parameters"]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["eval"]["both"]["visual_tokens_per_image"] > saved["eval"]["global"][
+        "visual_tokens_per_image"]
+    adapter = load_module(tmp_path / "adapter")
+    assert adapter.config.compressor.num_queries == 16
