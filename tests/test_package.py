@@ -48,3 +48,20 @@ def test_plan_grid_without_torch():
         "assert plan.grid == (6, 4), plan.grid\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_quick_start_runs():
+    """The README's first Python block is executed as written and prints what its comments say."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[0]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(compile(code, "README.md", "exec"), {})
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "(3, 3) 1873"
+    assert lines[2].startswith("torch.Size([1, ") and lines[2].endswith(", 96])")
