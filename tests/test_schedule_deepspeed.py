@@ -68,17 +68,17 @@ def test_stage_switch_under_zero(zero_stage, tmp_path):
 
 def _worker(zero_stage: int) -> None:
     import deepspeed
+    import deepspeed.ops
     import torch
 
-    from slime_adapters.integrations.deepspeed import (
-        disable_shm_comm_op,
-        engine_for_stage,
-        gathered_state_dict,
-    )
+    from slime_adapters.integrations.deepspeed import engine_for_stage, gathered_state_dict
     from slime_adapters.schedule import AlternatingScheduler, Stage, projector_roles
     from tests.test_schedule import TinyModel
 
-    disable_shm_comm_op()
+    # Test set-up in this throwaway worker process only: mark DeepSpeed's CPU shared-memory comm
+    # op unavailable so that it is not JIT-compiled (~85 s on a fresh machine); gloo does the
+    # collectives of this single process.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     torch.manual_seed(0)
     model = TinyModel()
     roles = dict(projector_roles(model.projector), compressor=model.compressor, llm=model.llm,

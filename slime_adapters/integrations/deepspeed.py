@@ -21,9 +21,7 @@ engine adopts the partitions (checked in ``tests/test_schedule_deepspeed.py`` by
 old engine's hooks first.
 
 On a CPU machine DeepSpeed JIT-compiles a shared-memory collective op when it first initialises
-communication (about 85 s, cached in ``TORCH_EXTENSIONS_DIR``); no configuration key skips it.
-:func:`disable_shm_comm_op` is an explicit opt-in that marks that op unavailable in DeepSpeed's
-op-compatibility table, so gloo does the collectives (fine for one process or loopback tests).
+communication (about 85 s once, cached in ``TORCH_EXTENSIONS_DIR``); no configuration key skips it.
 
 deepspeed is imported inside the functions; importing this module does not need it.
 """
@@ -38,20 +36,7 @@ from torch import nn
 
 from slime_adapters.schedule import AlternatingScheduler, Stage
 
-__all__ = ["disable_shm_comm_op", "engine_for_stage", "gathered_state_dict"]
-
-_SHM_OP = "deepspeed_shm_comm"
-
-
-def disable_shm_comm_op() -> None:
-    """Tell DeepSpeed its CPU shared-memory comm op is unavailable, so it does not JIT-compile it.
-
-    Call before the first ``deepspeed.initialize``/``init_distributed`` of the process. DeepSpeed
-    then uses plain torch.distributed (gloo on CPU) for collectives.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__[_SHM_OP] = False
+__all__ = ["engine_for_stage", "gathered_state_dict"]
 
 
 def engine_for_stage(
