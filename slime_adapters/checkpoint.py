@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +40,7 @@ from slime_adapters.config import (
     ConfigError,
     ConfigurableMixin,
     UnknownConfigKeyWarning,
+    atomic_write_bytes,
     atomic_write_text,
 )
 
@@ -125,19 +125,6 @@ def registered_kinds() -> dict[str, type[nn.Module]]:
     return dict(_REGISTRY)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_module(module: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write ``module``'s weights and config into ``directory`` (created if needed).
 
@@ -163,7 +150,7 @@ def save_module(module: nn.Module, directory: str | os.PathLike[str]) -> Path:
     config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(directory / WEIGHTS_NAME,
+    atomic_write_bytes(directory / WEIGHTS_NAME,
                         st_save(tensors, metadata={"format": "pt", _META_KEY: config_json}))
     atomic_write_text(directory / CONFIG_NAME, config_json)
     return directory

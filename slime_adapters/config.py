@@ -22,6 +22,7 @@ __all__ = [
     "ConfigError",
     "ConfigurableMixin",
     "UnknownConfigKeyWarning",
+    "atomic_write_bytes",
     "atomic_write_text",
 ]
 
@@ -74,20 +75,26 @@ def _restore(tp: Any, value: Any) -> Any:
     return value
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a file so that readers see either the old content or the new, never half of it."""
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a file so that readers see either the old content or the new, never half of it:
+    write a temporary file beside it, flush it to disk, then rename it over the target."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @dataclasses.dataclass(frozen=True)
