@@ -171,7 +171,7 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(
             f"{str(path)!r} is not a readable torch weights file (truncated or corrupt?): {exc}"
         ) from exc
-    return _as_state(obj, str(path))
+    return _as_state(obj, repr(str(path)))
 
 
 def _as_state(obj: object, where: str) -> dict[str, Tensor]:
@@ -307,7 +307,7 @@ class ReleasedWeights:
     def adapter(
         self, *, router: CosineTokenRouterConfig | None = None, views: str = "both"
     ) -> SliMEVisualAdapter:
-        """A :class:`SliMEVisualAdapter` as released: these modules (sharing their tensors), the
+        """A :class:`SliMEVisualAdapter` as released: these modules' weights (sharing storage, not copied), the
         projector's MLP shared with the local path, a ``","``-embedding separator (pass
         ``separator_embeds`` to ``forward``) and ``router`` (default: the released rule, masked
         sum over the prompt tokens, keep while the cumulative score does not exceed γ = 0.95).
