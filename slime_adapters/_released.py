@@ -73,17 +73,12 @@ _RESAMPLER_OPTIONAL = ("kv_proj.weight", "proj.weight", "proj.bias")
 _PROJECTOR_PLAIN = ("w_gate", "w_noise", "projection.0.weight", "projection.0.bias",
                     "projection.2.weight", "projection.2.bias")
 _PROJECTOR_DEFAULTS = {"mean": 0.0, "std": 1.0}
-
-
-def _required(part: str) -> tuple[str, ...]:
-    res = _RESAMPLER_PLAIN + _RESAMPLER_PACKED
-    return _PROJECTOR_PLAIN + tuple("attn." + k for k in res) if part == "projector" else res
-
-
-def _optional(part: str) -> tuple[str, ...]:
-    if part == "projector":
-        return tuple(_PROJECTOR_DEFAULTS)  # the released GatedBlock has no kv_proj / proj
-    return _RESAMPLER_OPTIONAL
+_REQUIRED = {"projector": _PROJECTOR_PLAIN + tuple("attn." + k for k in _RESAMPLER_PLAIN
+                                                   + _RESAMPLER_PACKED),
+             "sampler": _RESAMPLER_PLAIN + _RESAMPLER_PACKED}
+# the released GatedBlock's resampler has no kv_proj / proj (kv_dim = width, no post projection)
+_KNOWN = {"projector": _REQUIRED["projector"] + tuple(_PROJECTOR_DEFAULTS),
+          "sampler": _REQUIRED["sampler"] + _RESAMPLER_OPTIONAL}
 
 
 # ------------------------------------------------------------------------------- name mapping
@@ -116,7 +111,7 @@ def _to_ours(part: str, released: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _to_released(part: str, ours: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    back = {_ours(part, n): n for n in _required(part) + _optional(part)}
+    back = {_ours(part, n): n for n in _KNOWN[part]}
     inner = "query_expert." if part == "projector" else ""
     packed = "attn.attn." if part == "projector" else "attn."
     out = {}
@@ -158,8 +153,6 @@ def _guess_part(keys: list[str]) -> str | None:
 
 
 def _load_pickle(path: Path) -> dict[str, Tensor]:
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{str(path)!r} is empty (0 bytes)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -185,8 +178,6 @@ def _as_state(obj: object, where: str) -> dict[str, Tensor]:
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{str(path)!r} is empty (0 bytes)")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             wanted = [k for k in fh.keys() if _classify(k, None)[0] is not None]
@@ -214,6 +205,8 @@ def _read(source, part: str | None) -> list[tuple[str, dict[str, Tensor], str | 
         return [entry for f in found for entry in _read(f, part)]
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{str(path)!r} is empty (0 bytes)")
     if path.suffix == ".safetensors":
         return [(str(path), _load_safetensors(path), part, True)]
     state = _load_pickle(path)
@@ -246,9 +239,8 @@ def _build(part: str, state: dict[str, Tensor], where: str, num_heads: int | Non
             dim=_dim(query, 1, "sampler.post_qformer.query", where),
             num_queries=_dim(query, 0, "sampler.post_qformer.query", where),
             num_heads=num_heads,
-            kv_dim=None if kv is None else _dim(kv, 1, "sampler.post_qformer.kv_proj.weight", where),
-            out_dim=None if proj is None else _dim(proj, 0, "sampler.post_qformer.proj.weight",
-                                                   where),
+            kv_dim=None if kv is None else _dim(kv, 1, "sampler...kv_proj.weight", where),
+            out_dim=None if proj is None else _dim(proj, 0, "sampler...proj.weight", where),
             mode="reference", device="meta")
     except CheckpointError:
         raise
@@ -256,18 +248,20 @@ def _build(part: str, state: dict[str, Tensor], where: str, num_heads: int | Non
         raise CheckpointError(f"{where}: the {part} shapes give no valid module: {exc}") from exc
 
 
-def _import_part(part, entries, *, strict, num_heads, dtype, device) -> nn.Module:
+def _import_part(part: str, entries: dict[str, tuple[Tensor, str, str]], *, strict: bool,
+                 num_heads: int | None, dtype: torch.dtype | None, device) -> nn.Module:
+    """Check ``entries`` (plain name -> (tensor, key, file)) and build the module from them."""
     where = " + ".join(sorted({label for _, _, label in entries.values()}))
     ns = "model." + _NAMESPACE[part]
     state = {name: t for name, (t, _, _) in entries.items()}
-    missing = sorted(ns + k for k in _required(part) if k not in state)
+    missing = sorted(ns + k for k in _REQUIRED[part] if k not in state)
     unexpected = sorted(key for name, (_, key, _) in entries.items()
-                        if name not in _required(part) + _optional(part))
+                        if name not in _KNOWN[part])
     problems = ([f"missing keys {missing}"] if missing else []) + (
         [f"unexpected keys {unexpected}"] if unexpected and strict else [])
     if problems:
         raise CheckpointError(f"{where}: not the released SliME {part}: " + ", ".join(problems))
-    state = {k: v for k, v in state.items() if k in _required(part) + _optional(part)}
+    state = {k: v for k, v in state.items() if k in _KNOWN[part]}
     module = _build(part, state, where, num_heads)
     work = dtype or state["projection.0.weight" if part == "projector" else "query"].dtype
     fill = {k: torch.full((1,), v) for k, v in _PROJECTOR_DEFAULTS.items()} \
@@ -307,10 +301,10 @@ class ReleasedWeights:
     def adapter(
         self, *, router: CosineTokenRouterConfig | None = None, views: str = "both"
     ) -> SliMEVisualAdapter:
-        """A :class:`SliMEVisualAdapter` as released: these modules' weights (sharing storage, not copied), the
-        projector's MLP shared with the local path, a ``","``-embedding separator (pass
-        ``separator_embeds`` to ``forward``) and ``router`` (default: the released rule, masked
-        sum over the prompt tokens, keep while the cumulative score does not exceed γ = 0.95).
+        """A :class:`SliMEVisualAdapter` as released: these modules' weights (storage shared, not
+        copied), the projector's MLP shared with the local path, a ``","``-embedding separator
+        (pass ``separator_embeds`` to ``forward``) and ``router`` (default: the released rule,
+        masked sum over the prompt tokens, keep while the cumulative score does not exceed γ).
 
         Raises:
             CheckpointError: the projector or the compressor was not in the source.
@@ -400,7 +394,7 @@ def import_released(
     built = {p: _import_part(p, entries[p], strict=strict, num_heads=num_heads, dtype=dtype,
                              device=device) if entries[p] else None for p in PARTS}
     proj, comp = built["projector"], built["sampler"]
-    widths = {"vision_dim": [(proj, "in_dim"), (comp, "out_dim")], "llm_dim": [(proj, "out_dim")]}
+    widths = {"vision_dim": [(proj, "in_dim"), (comp, "kv_dim")], "llm_dim": [(proj, "out_dim")]}
     for arg, want in (("vision_dim", vision_dim), ("llm_dim", llm_dim)):
         for module, attr in widths[arg]:
             if want is not None and module is not None and getattr(module, attr) != want:
@@ -439,22 +433,27 @@ def export_released(
         parts = {"projector": modules.projector, "sampler": modules.compressor}
     elif isinstance(modules, ReleasedWeights):
         parts = {"projector": modules.projector, "sampler": modules.compressor}
-    elif isinstance(modules, NoisyMoEProjector):
-        parts = {"projector": modules}
-    elif isinstance(modules, QueryCompressor):
-        parts = {"sampler": modules}
+    elif isinstance(modules, NoisyMoEProjector | QueryCompressor):
+        parts = {"projector" if isinstance(modules, NoisyMoEProjector) else "sampler": modules}
     else:
         raise CheckpointError(f"export_released: cannot export a {type(modules).__name__}")
     out = {}
-    for part, module in parts.items():
-        if module is None:
-            continue
+    for part, module in ((p, m) for p, m in parts.items() if m is not None):
         state = module.state_dict()
+        meta = sorted(k for k, v in state.items() if v.is_meta)
+        if meta:
+            raise CheckpointError(f"export_released: tensors on the meta device have no values: "
+                                  f"{meta}")
         if part == "projector":
             like = state["w_gate"]
             state = {**{k: torch.full((1,), v, dtype=like.dtype, device=like.device)
                         for k, v in _PROJECTOR_DEFAULTS.items()}, **state}
-        for name, t in _to_released(part, state).items():
+        released = _to_released(part, state)
+        lacking = sorted(k for k in _REQUIRED[part] if k not in released)
+        if lacking:
+            raise CheckpointError(f"export_released: the {type(module).__name__} has nothing "
+                                  f"for the released {lacking} (built with pos_embed='none'?)")
+        for name, t in released.items():
             t = t.detach().to("cpu", dtype=dtype or t.dtype, copy=True).contiguous()
             out[f"{prefix}{_NAMESPACE[part]}{name}"] = t
     return out

@@ -382,6 +382,10 @@ def test_export_and_adapter_errors(state):
         export_released(own)
     with pytest.raises(CheckpointError, match=r"cannot export a Linear"):
         export_released(nn.Linear(2, 2))
+    with pytest.raises(CheckpointError, match=r"nothing for the released \['pos_embed'\]"):
+        export_released(QueryCompressor(dim=V, num_queries=M, pos_embed="none"))
+    with pytest.raises(CheckpointError, match=r"meta device have no values: \['k_proj.bias'"):
+        export_released(QueryCompressor(dim=V, num_queries=M, device="meta"))
     # a paper-mode projector exports with the released buffers filled in
     paper = export_released(NoisyMoEProjector(in_dim=V, out_dim=L, num_tokens=N))
     assert float(paper[PROJ + "std"]) == 1.0 and sorted(paper) == sorted(_part(state, PROJ))
