@@ -2,7 +2,7 @@
 
 Public home: :mod:`slime_adapters.checkpoint` (re-exported there).
 
-Released layout (``v`` vision width, ``l`` LLM width, ``n`` projector queries (576), ``m``
+Legend and released layout (``v`` vision width, ``l`` LLM width, ``n`` projector queries (576), ``m``
 compressor queries (144), names under ``model.mm_projector.`` and ``model.sampler.post_qformer.``)::
 
     mm_projector.w_gate, w_noise              (v, 2)      -> projector.w_gate, w_noise
@@ -366,10 +366,13 @@ def import_released(
         CheckpointError: a missing, empty, corrupt or non-weights file; a pickle that needs
             arbitrary code; no SliME tensors at all; missing or (``strict``) unexpected keys;
             a key given twice; shape mismatches or a width other than ``vision_dim``/``llm_dim``.
-        ValueError: an unknown ``part``.
+        ValueError: an unknown ``part``; ``num_heads`` not a positive int.
     """
     if part is not None and part not in PARTS:
         raise ValueError(f"part must be None or one of {PARTS}, got {part!r}")
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int)
+                                  or num_heads < 1):
+        raise ValueError(f"num_heads must be None or a positive int, got {num_heads!r}")
     entries: dict[str, dict[str, tuple[Tensor, str, str]]] = {p: {} for p in PARTS}
     foreign: list[tuple[str, str]] = []
     labels = []
@@ -398,8 +401,9 @@ def import_released(
     for arg, want in (("vision_dim", vision_dim), ("llm_dim", llm_dim)):
         for module, attr in widths[arg]:
             if want is not None and module is not None and getattr(module, attr) != want:
+                have = getattr(module, attr)
                 raise CheckpointError(f"{' + '.join(labels)}: {arg}={want} but the "
-                                      f"{type(module).__name__} weights have {getattr(module, attr)}")
+                                      f"{type(module).__name__} weights have {have}")
     return ReleasedWeights(projector=proj, compressor=comp, sources=tuple(labels))
 
 
