@@ -2,8 +2,9 @@
 
 Public home: :mod:`slime_adapters.checkpoint` (re-exported there).
 
-Legend and released layout (``v`` vision width, ``l`` LLM width, ``n`` projector queries (576), ``m``
-compressor queries (144), names under ``model.mm_projector.`` and ``model.sampler.post_qformer.``)::
+Legend and released layout (``v`` vision width, ``l`` LLM width, ``n`` projector queries (576),
+``m`` compressor queries (144); names under ``model.mm_projector.`` and
+``model.sampler.post_qformer.``)::
 
     mm_projector.w_gate, w_noise              (v, 2)      -> projector.w_gate, w_noise
     mm_projector.mean, std                    (1,)        -> projector.mean, std (buffers)
