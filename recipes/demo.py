@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval", type=int, default=48, help="generated evaluation images")
     parser.add_argument("--steps", type=int, nargs=3, default=(60, 60, 80), metavar=("I", "II", "III"),
                         help="optimizer steps of stages I, II, III")
+    parser.add_argument("--square", type=int, default=28, help="side of the coloured square, px")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3,
                         help="learning rate of every stage (the paper's 2e-5 for stage III is for a "
@@ -143,8 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     t0 = time.perf_counter()
-    train_index = make_color_dataset(out / "data" / "train", args.train, seed=args.seed)
-    eval_index = make_color_dataset(out / "data" / "eval", args.eval, seed=args.seed + 1)
+    train_index = make_color_dataset(out / "data" / "train", args.train, seed=args.seed,
+                                     square=args.square)
+    eval_index = make_color_dataset(out / "data" / "eval", args.eval, seed=args.seed + 1,
+                                    square=args.square)
     tokenizer = build_word_tokenizer()
     slicer = AdaptiveSlicer(tile_size=TILE, max_tiles=6)
     train = LlavaJsonDataset(train_index, tokenizer=tokenizer, slicer=slicer)

@@ -63,6 +63,10 @@ _EXPORTS = {
     "load_module": "checkpoint",
     "register_module": "checkpoint",
     "CheckpointError": "checkpoint",
+    "ReleasedWeights": "checkpoint",
+    "import_released": "checkpoint",
+    "export_released": "checkpoint",
+    "save_released": "checkpoint",
     "ConfigError": "config",
     "UnknownConfigKeyWarning": "config",
 }

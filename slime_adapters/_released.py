@@ -45,7 +45,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from slime_adapters.checkpoint import CheckpointError, _atomic_write_bytes
+from slime_adapters.checkpoint import CheckpointError
+from slime_adapters.config import atomic_write_bytes
 
 if TYPE_CHECKING:
     from slime_adapters.adapter import SliMEVisualAdapter
@@ -481,16 +482,16 @@ def save_released(
     path = Path(path)
     state = export_released(modules, prefix=prefix, dtype=dtype)
     if path.suffix == ".safetensors":
-        _atomic_write_bytes(path, st_save(state, metadata={"format": "pt"}))
+        atomic_write_bytes(path, st_save(state, metadata={"format": "pt"}))
         return path
     if path.suffix == ".bin":
-        _atomic_write_bytes(path, _pickle_bytes(state))
+        atomic_write_bytes(path, _pickle_bytes(state))
         return path
     path.mkdir(parents=True, exist_ok=True)
     for part, name in (("projector", PROJECTOR_FILE), ("sampler", SAMPLER_FILE)):
         mine = {k: v for k, v in state.items() if k.startswith(prefix + _NAMESPACE[part])}
         if mine:
-            _atomic_write_bytes(path / name, _pickle_bytes(mine))
+            atomic_write_bytes(path / name, _pickle_bytes(mine))
     return path
 
 

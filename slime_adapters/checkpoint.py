@@ -300,6 +300,7 @@ def load_module(
         module.to(dtype=dtype)
     return module
 
+
 # ---- released SliME weights (import / export), public here ----
 from slime_adapters._released import (  # noqa: E402  (needs CheckpointError defined above)
     ReleasedWeights,
