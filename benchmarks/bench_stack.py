@@ -82,10 +82,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
     args.device = pick_device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            ap.error(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
     cuda = args.device.type == "cuda"
     if args.tiny:
         args.vision_dim = args.vision_dim or 32
@@ -233,6 +231,16 @@ def _check(name: str, cmp: dict[str, Any], tol: float) -> None:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the saved payload. Raises SystemExit when fast != oracle."""
     args = _parse(argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     device, dtype = args.device, args.dtype
     sizes = SCENARIO_IMAGES
     plans = {pol: [plan_grid(w, h, policy=pol) for w, h in sizes] for pol in ("reference", "paper")}
