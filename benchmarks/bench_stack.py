@@ -131,7 +131,7 @@ def make_inputs(grids: list[tuple[int, int]], tokens: int, dv: int, dl: int, tex
     return {
         "global_features": rnd(b, tokens, dv),
         "tile_features": rnd(p, tokens, dv),
-        "grids": torch.tensor(grids, dtype=torch.long, device=device),
+        "grids": torch.tensor(grids, dtype=torch.long),  # host, as the slicer gives them
         "text_embeds": rnd(b, text, dl),
         "text_mask": (torch.arange(text)[None] < valid[:, None]).to(device),
         "separator_embeds": rnd(dl),
@@ -162,9 +162,11 @@ def _resampler_released(mod: QueryCompressor, x: Tensor) -> Tensor:
     return mod.proj(out)
 
 
-def stack_oracle(adapter: SliMEVisualAdapter, inputs: dict[str, Any],
-                 gamma: float) -> list[Tensor]:
-    """Per-image port of the released forward (eval mode): one ``(n_i, dl)`` tensor per image."""
+def stack_oracle(adapter: SliMEVisualAdapter, inputs: dict[str, Any], gamma: float, *,
+                 router_dtype: torch.dtype | None = None) -> list[Tensor]:
+    """Per-image port of the released forward (eval mode): one ``(n_i, dl)`` tensor per image.
+    ``router_dtype`` runs the router on copies in that dtype (the released code routes in the
+    model's dtype; a bf16 check uses float64 there so that no near-tie decision flips)."""
     proj, comp, side = adapter.projector, adapter.compressor, adapter.tokens_side
     mlp = proj.mlp
     feats, tiles_all = inputs["global_features"], inputs["tile_features"]
@@ -182,7 +184,9 @@ def stack_oracle(adapter: SliMEVisualAdapter, inputs: dict[str, Any],
         local = mlp(_resampler_released(comp, tiles))  # (cols·rows, q, dl)
         raster = (local.reshape(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4)
                   .reshape(rows * side * cols * side, -1))
-        keep = router_reference_released(raster, text[i], mask[i], topp=gamma)
+        r_in, t_in = ((raster, text[i]) if router_dtype is None
+                      else (raster.detach().to(router_dtype), text[i].to(router_dtype)))
+        keep = router_reference_released(r_in, t_in, mask[i], topp=gamma)
         outs.append(torch.cat([glob, sep[None].to(glob.dtype), raster[keep]]))
     return outs
 
@@ -199,14 +203,15 @@ def _oracle(adapter: SliMEVisualAdapter, inputs: dict[str, Any], gamma: float) -
     return torch.cat(stack_oracle(adapter, inputs, gamma))
 
 
-def compare(adapter: SliMEVisualAdapter, inputs: dict[str, Any], gamma: float) -> dict[str, Any]:
+def compare(adapter: SliMEVisualAdapter, inputs: dict[str, Any], gamma: float, *,
+            router_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Fast vs oracle on the same inputs: per-image lengths and the worst relative element error.
     Raises SystemExit when the kept counts differ."""
     with torch.no_grad():
         vt = adapter(inputs["global_features"], inputs["tile_features"], grids=inputs["grids"],
                      text_embeds=inputs["text_embeds"], text_mask=inputs["text_mask"],
                      separator_embeds=inputs["separator_embeds"], router_gamma=gamma)
-        ref = stack_oracle(adapter, inputs, gamma)
+        ref = stack_oracle(adapter, inputs, gamma, router_dtype=router_dtype)
     lengths = vt.lengths.tolist()
     ref_lengths = [r.shape[0] for r in ref]
     if lengths != ref_lengths:
@@ -256,13 +261,23 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     small_in = make_inputs(grids, args.tokens, 16, 24, args.text, device, torch.float64, args.seed)
     checks["float64"] = compare(small, small_in, args.gamma)
     _check("float64", checks["float64"], 1e-9)
+    # float32 at the timed widths and γ (the timed dtype when it is float32 or float64)
+    check_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     torch.manual_seed(args.seed)
-    adapter = build_adapter(*shape[:4], args.gamma, device, dtype)
+    adapter = build_adapter(*shape[:4], args.gamma, device, check_dtype)
     inputs = make_inputs(grids, args.tokens, args.vision_dim, args.llm_dim, args.text, device,
-                         dtype, args.seed)
-    tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(dtype, 5e-2)
-    checks[str(dtype).removeprefix("torch.")] = cmp = compare(adapter, inputs, args.gamma)
-    _check(str(dtype), cmp, tol)
+                         check_dtype, args.seed)
+    name = str(check_dtype).removeprefix("torch.")
+    checks[name] = cmp = compare(adapter, inputs, args.gamma)
+    _check(name, cmp, 1e-9 if check_dtype == torch.float64 else 1e-3)
+    if dtype != check_dtype:
+        # bf16/fp16: values at γ=1 with the oracle routing in float64, so that the rounding of
+        # the two paths' different (equally valid) operation orders cannot flip a kept token
+        adapter, inputs = adapter.to(dtype), {k: v.to(dtype) if v.is_floating_point() else v
+                                              for k, v in inputs.items()}
+        name = str(dtype).removeprefix("torch.")
+        checks[f"{name}_gamma1"] = low = compare(adapter, inputs, 1.0, router_dtype=torch.float64)
+        _check(f"{name} at gamma=1", low, 5e-2)
 
     # 2. time both, forward and forward+backward, then peak memory
     params = [p for p in adapter.parameters() if p.requires_grad]

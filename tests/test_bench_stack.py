@@ -57,6 +57,7 @@ def test_bad_flags_are_refused(tmp_path):
         bench_stack.run(["--threads", "0", "--out", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_run_all_runs_the_chosen_benchmarks(tmp_path, capsys):
     from benchmarks import run_all
 
@@ -66,3 +67,13 @@ def test_run_all_runs_the_chosen_benchmarks(tmp_path, capsys):
     assert run_all.command("bench_stack", tiny=False, out=None, extra=[])[-1] == "benchmarks.bench_stack"
     with pytest.raises(SystemExit):
         run_all.main(["--only", "nope"])
+
+
+def test_low_precision_run_checks_values_at_gamma_one(tmp_path):
+    result = bench_stack.run(["--tiny", "--device", "cpu", "--dtype", "bfloat16", "--threads", "1",
+                              "--min-run-time", "0.01", "--no-memory", "--out", str(tmp_path)])
+    assert result["dtype"] == "bfloat16"
+    assert set(result["checks"]) == {"float64", "float32", "bfloat16_gamma1"}
+    tiles = result["scenario"]["tiles"]  # γ = 1 keeps every local token: 16 + 1 + 4 per tile
+    assert sum(result["checks"]["bfloat16_gamma1"]["lengths"]) == 4 * (16 + 1) + 4 * tiles
+    assert result["checks"]["bfloat16_gamma1"]["relative_error"] <= 5e-2
