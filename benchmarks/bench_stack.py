@@ -28,6 +28,7 @@ ratios are printed last.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -74,6 +75,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--gamma", type=float, default=0.95, help="router γ")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the fast path's projector, compressor and MLP (a copy of "
+                         "the adapter; the oracle stays eager)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's; 1 on a loaded shared machine, "
@@ -226,6 +230,22 @@ def compare(adapter: SliMEVisualAdapter, inputs: dict[str, Any], gamma: float, *
             "worst_index": [worst // max(1, ref_cat.shape[1]), worst % max(1, ref_cat.shape[1])]}
 
 
+def compare_pair(fast: SliMEVisualAdapter, ref: SliMEVisualAdapter, inputs: dict[str, Any],
+                 gamma: float) -> dict[str, Any]:
+    """Two fast adapters (e.g. compiled vs eager) on the same inputs, as :func:`compare`."""
+    with torch.no_grad():
+        a, b = _fast(fast, inputs, gamma), _fast(ref, inputs, gamma)
+    if a.shape != b.shape:
+        raise SystemExit(f"bench_stack: the compiled adapter disagrees with the eager one on the "
+                         f"packed length: {a.shape[0]} vs {b.shape[0]}")
+    diff = (a.double() - b.double()).abs()
+    scale = float(b.abs().max()) if b.numel() else 1.0
+    worst = int(diff.argmax()) if diff.numel() else 0
+    return {"lengths": [a.shape[0]], "max_abs_error": float(diff.max()) if diff.numel() else 0.0,
+            "relative_error": float(diff.max()) / scale if diff.numel() else 0.0,
+            "worst_index": [worst // max(1, b.shape[1]), worst % max(1, b.shape[1])]}
+
+
 def _check(name: str, cmp: dict[str, Any], tol: float) -> None:
     if cmp["relative_error"] > tol:
         raise SystemExit(f"bench_stack: the fast adapter disagrees with the oracle ({name}): "
@@ -280,31 +300,40 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         _check(f"{name} at gamma=1", low, 5e-2)
 
     # 2. time both, forward and forward+backward, then peak memory
-    params = [p for p in adapter.parameters() if p.requires_grad]
+    fast_adapter = adapter
+    if args.compile:
+        fast_adapter = copy.deepcopy(adapter)
+        for module in (fast_adapter.projector, fast_adapter.projector.mlp,
+                       fast_adapter.compressor):
+            module.compile(dynamic=False)
+        checks["compiled"] = compare_pair(fast_adapter, adapter, inputs, args.gamma)
+        _check("compiled", checks["compiled"], 1e-9 if dtype == torch.float64 else
+               (1e-3 if dtype == torch.float32 else 5e-2))
+    params = [p for m in (adapter, fast_adapter) for p in m.parameters() if p.requires_grad]
 
-    def fwd(impl):
+    def fwd(impl, module):
         def f() -> None:
             with torch.no_grad():
-                impl(adapter, inputs, args.gamma)
+                impl(module, inputs, args.gamma)
         return f
 
-    def fwd_bwd(impl):
+    def fwd_bwd(impl, module):
         def f() -> None:
             for p in params:
                 p.grad = None
-            impl(adapter, inputs, args.gamma).float().sum().backward()
+            impl(module, inputs, args.gamma).float().sum().backward()
         return f
 
     results = []
-    for impl_name, impl in (("fast", _fast), ("oracle", _oracle)):
+    for impl_name, impl, module in (("fast", _fast, fast_adapter), ("oracle", _oracle, adapter)):
         row: dict[str, Any] = {"impl": impl_name}
         for kind, make in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-            t = time_fn(make(impl), device, min_run_time=args.min_run_time)
+            t = time_fn(make(impl, module), device, min_run_time=args.min_run_time)
             row[f"{kind}_ms"] = t["median_s"] * 1e3
             row[f"{kind}_iqr_ms"] = t["iqr_s"] * 1e3
             row[f"{kind}_runs"] = t["runs"]
             if not args.no_memory:
-                peak = peak_memory_bytes(make(impl), device)
+                peak = peak_memory_bytes(make(impl, module), device)
                 row[f"{kind}_peak_bytes"] = peak
         results.append(row)
         print(f"{impl_name:>6}: fwd {row['fwd_ms']:.2f} ms, fwd+bwd {row['fwd_bwd_ms']:.2f} ms"
@@ -323,7 +352,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             "tiles_by_policy": {pol: sum(p.cols * p.rows for p in ps) for pol, ps in plans.items()},
             "tokens": args.tokens, "queries": args.queries, "text": args.text,
             "vision_dim": args.vision_dim, "llm_dim": args.llm_dim, "gamma": args.gamma,
-            "tiny": args.tiny,
+            "tiny": args.tiny, "compile": args.compile,
         },
         "checks": checks,
         "results": results,

@@ -77,3 +77,19 @@ def test_low_precision_run_checks_values_at_gamma_one(tmp_path):
     tiles = result["scenario"]["tiles"]  # γ = 1 keeps every local token: 16 + 1 + 4 per tile
     assert sum(result["checks"]["bfloat16_gamma1"]["lengths"]) == 4 * (16 + 1) + 4 * tiles
     assert result["checks"]["bfloat16_gamma1"]["relative_error"] <= 5e-2
+
+
+def test_compare_pair_reports_the_worst_element():
+    """The check used for --compile (compiled vs eager copy), here on two eager adapters."""
+    import copy
+
+    adapter = bench_stack.build_adapter(16, 24, 16, 4, 1.0, torch.device("cpu"), torch.float64)
+    inputs = bench_stack.make_inputs([(2, 1), (1, 1)], 16, 16, 24, 5, torch.device("cpu"),
+                                     torch.float64, 1)
+    same = bench_stack.compare_pair(copy.deepcopy(adapter), adapter, inputs, 1.0)
+    assert same["relative_error"] == 0.0 and same["lengths"] == [2 * 17 + 3 * 4]
+    other = copy.deepcopy(adapter)
+    with torch.no_grad():
+        other.projector.mlp[2].bias[5] += 1.0
+    cmp = bench_stack.compare_pair(other, adapter, inputs, 1.0)
+    assert cmp["relative_error"] > 0.01 and cmp["worst_index"][1] == 5
