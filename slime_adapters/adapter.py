@@ -9,11 +9,14 @@ Legend::
 
 Per image the output is ``[projected global tokens (s)] + [separator (0 or 1)] + [kept local tokens
 in raster order]``. The whole batch runs in one call of each sub-module: all global views through the
-projector, all tiles through the compressor and the MLP, then every image's local tokens are
-scattered onto a padded ``(b, n_max, dl)`` raster (no loop over images or tiles) and routed together.
+projector, all tiles through the compressor and the MLP; the local tokens stay packed as
+``(p, q, dl)``: only their router scores are scattered onto a padded ``(b, n_max)`` raster (no loop
+over images or tiles), routed together, and every output row is written once into the packed
+result (no concatenation, no boolean compaction, no token raster).
 
-The packed output has a data-dependent length, so building it reads the kept counts on the host
-once; everything before that runs without a host synchronisation.
+Grids are checked and turned into indices on the host. The packed output has a data-dependent
+length, so building it reads the total kept count on the host once; everything before that runs
+without a host synchronisation.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from torch import Tensor, nn
 from slime_adapters.compressor import QueryCompressor, QueryCompressorConfig
 from slime_adapters.config import ConfigBase, ConfigurableMixin
 from slime_adapters.projector import MoEOutput, NoisyMoEProjector, NoisyMoEProjectorConfig
-from slime_adapters.router import CosineTokenRouter, CosineTokenRouterConfig, RouterOutput
+from slime_adapters.router import (
+    CosineTokenRouter,
+    CosineTokenRouterConfig,
+    RouterOutput,
+    cosine_scores_to,
+    pooled_text_direction,
+)
 
 __all__ = [
     "AdapterAux",
@@ -39,6 +48,7 @@ __all__ = [
 VIEWS = ("global", "local", "both")
 SEPARATORS = ("learned", "embedding", "none")
 LOCAL_MLPS = ("shared", "own")
+_HOST = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -282,19 +292,21 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
             if tile_features is None or grids is None:
                 raise ValueError(f"views={views!r} needs tile_features (p, s, dv) and grids (b, 2)")
             device = tile_features.device
-            grids_t = _as_long(grids, "grids", device)
-            if grids_t.dim() != 2 or grids_t.shape[1] != 2:
-                raise ValueError(f"grids must be (b, 2) as (cols, rows), got {tuple(grids_t.shape)}")
-            if (grids_t < 0).any():
+            # grids are checked and turned into indices on the host: no device synchronisation
+            # (a CUDA tensor passed by the caller is copied back once)
+            grids_h = _as_long(grids, "grids", _HOST)
+            if grids_h.dim() != 2 or grids_h.shape[1] != 2:
+                raise ValueError(f"grids must be (b, 2) as (cols, rows), got {tuple(grids_h.shape)}")
+            if (grids_h < 0).any():
                 raise ValueError("grids must hold non-negative (cols, rows); (0, 0) = no tiles")
-            if batch is not None and grids_t.shape[0] != batch:
+            if batch is not None and grids_h.shape[0] != batch:
                 raise ValueError(
-                    f"grids describe {grids_t.shape[0]} images but global_features has {batch}"
+                    f"grids describe {grids_h.shape[0]} images but global_features has {batch}"
                 )
-            batch = grids_t.shape[0]
-            tiles = grids_t[:, 0] * grids_t[:, 1]
+            batch = grids_h.shape[0]
+            tiles = grids_h[:, 0] * grids_h[:, 1]
             if tiles_per_image is not None:
-                tpi = _as_long(tiles_per_image, "tiles_per_image", device)
+                tpi = _as_long(tiles_per_image, "tiles_per_image", _HOST)
                 if tpi.shape != tiles.shape or not torch.equal(tpi, tiles):
                     raise ValueError(
                         f"tiles_per_image {tpi.tolist()} disagrees with the grids' cols·rows "
@@ -310,38 +322,58 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
                     f"tile_features has {tile_features.shape[0]} tiles but the grids need {total}"
                 )
 
-        parts: list[Tensor] = []  # each (b, k, dl)
-        keep_parts: list[Tensor] = []  # each (b, k) bool
-        moe = routed = num_local = None
+        moe = routed = num_local = local = None
         if use_global:
             moe = self.projector(global_features, force_expert=force_expert)
-            parts.append(moe.tokens)
-            keep_parts.append(torch.ones(moe.tokens.shape[:2], dtype=torch.bool,
-                                         device=moe.tokens.device))
-        num_sep = 0
-        if use_global and use_local and self.config.separator != "none":
-            sep = self._separator(batch, separator_embeds, parts[0])
-            parts.append(sep[:, None, :])
-            keep_parts.append(torch.ones(batch, 1, dtype=torch.bool, device=sep.device))
-            num_sep = 1
-        if use_local:
-            local = self.encode_local(tile_features)  # (p, q, dl); p may be 0
-            raster, valid = self.local_raster(local, grids_t)
-            num_local = valid.sum(1)
-            routed = self._route(raster, valid, text_embeds, text_mask, router_gamma)
-            parts.append(raster)
-            keep_parts.append(routed.keep_mask)
+        num_sep = 1 if use_global and use_local and self.config.separator != "none" else 0
+        num_global = moe.tokens.shape[1] if moe is not None else 0
+        base = num_global + num_sep  # rows of every image before its local tokens
+        if not use_local:
+            packed = moe.tokens.reshape(-1, dl)
+            lengths = torch.full((batch,), base, dtype=torch.long, device=packed.device)
+            cu = torch.arange(batch + 1, dtype=torch.int32, device=packed.device) * base
+            aux = AdapterAux(moe=moe, router=None, num_local=None, num_kept=None)
+            return VisualTokens(packed, lengths, cu, num_global, 0, aux)
 
-        tokens = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        keep = torch.cat(keep_parts, dim=1) if len(keep_parts) > 1 else keep_parts[0]
-        packed = tokens[keep]  # row-major: image after image, each in layout order
-        lengths = keep.sum(1)
-        cu = torch.zeros(batch + 1, dtype=torch.int32, device=packed.device)
+        local = self.encode_local(tile_features)  # (p, q, dl); p may be 0
+        q_tokens = self.tokens_side**2
+        n_max = int(tiles.max()) * q_tokens if batch else 0
+        image_h, pos_h = local_raster_index(grids_h, self.tokens_side)
+        valid_h = torch.zeros(batch, n_max, dtype=torch.bool)
+        valid_h[image_h, pos_h] = True
+        # pageable host → device copies are staged at once: non_blocking never reads stale data
+        image = image_h.to(device, non_blocking=True)
+        pos = pos_h.to(device, non_blocking=True)
+        valid = valid_h.to(device, non_blocking=True)
+        num_local = (tiles * q_tokens).to(device, non_blocking=True)
+        routed = self._route_local(local, image, pos, valid, text_embeds, text_mask, router_gamma)
+
+        # Every row is written once into one buffer of b·base + p·q rows: image i's global
+        # tokens, separator and kept local tokens (raster order) at cu[i]:cu[i+1], the dropped
+        # local tokens after cu[b]; the packed output is its first cu[b] rows. No concatenation,
+        # no boolean compaction, no (b, n_max, dl) raster of the tokens themselves.
+        lengths = base + routed.num_kept
+        cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
         cu[1:] = torch.cumsum(lengths, 0)
-        aux = AdapterAux(moe=moe, router=routed, num_local=num_local,
-                         num_kept=None if routed is None else routed.num_kept)
-        return VisualTokens(packed, lengths, cu, moe.tokens.shape[1] if moe is not None else 0,
-                            num_sep, aux)
+        starts = cu[:-1].long()
+        flat = local.reshape(-1, dl)
+        out = flat.new_zeros(batch * base + flat.shape[0], dl)
+        if moe is not None:
+            rows = starts[:, None] + torch.arange(num_global, device=device)
+            out.index_copy_(0, rows.reshape(-1), moe.tokens.reshape(-1, dl).to(out.dtype))
+        if num_sep:
+            sep = self._separator(batch, separator_embeds, out)
+            out.index_copy_(0, starts + num_global, sep.to(out.dtype))
+        keep = routed.keep_mask
+        kept_before = torch.cumsum(keep, 1) - keep.long()  # kept tokens earlier on the raster
+        kept = keep[image, pos]
+        dropped_before = torch.cumsum(~kept, 0) - (~kept).long()
+        dest = torch.where(kept, starts[image] + base + kept_before[image, pos],
+                           cu[-1].long() + dropped_before)
+        out.index_copy_(0, dest, flat)
+        total = int(cu[-1])  # the one host synchronisation: the packed length is data-dependent
+        aux = AdapterAux(moe=moe, router=routed, num_local=num_local, num_kept=routed.num_kept)
+        return VisualTokens(out[:total], lengths, cu, num_global, num_sep, aux)
 
     def _separator(self, batch: int, separator_embeds: Tensor | None, like: Tensor) -> Tensor:
         if self.config.separator == "learned":
@@ -359,14 +391,18 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
             )
         return sep.expand(batch, -1)
 
-    def _route(
+    def _route_local(
         self,
-        raster: Tensor,
+        local: Tensor,
+        image: Tensor,
+        pos: Tensor,
         valid: Tensor,
         text_embeds: Tensor | None,
         text_mask: Tensor | None,
         gamma: float | None,
     ) -> RouterOutput:
+        """Route the local tokens of every image on its raster. The tokens stay packed
+        ``(p, q, dl)``: only their scalar scores are scattered onto the ``(b, n_max)`` raster."""
         gamma_eff = self.router.config.gamma if gamma is None else gamma
         if text_embeds is None:
             if gamma_eff < 1.0:
@@ -378,6 +414,15 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
             count = valid.sum(1)
             scores = valid.float() / count.clamp(min=1)[:, None].float()
             return RouterOutput(keep_mask=valid, num_kept=count, scores=scores)
-        return self.router(raster, text_embeds, image_mask=valid, text_mask=text_mask,
-                           gamma=gamma)
-
+        b, n_max = valid.shape
+        dl = local.shape[-1]
+        # the router's own checks of the question against a (b, ·, dl) stand-in for the tokens
+        self.router._validate(local.new_empty(b, 0, dl), text_embeds, None, text_mask, None)
+        empty = self.router.empty_text(text_embeds, text_mask)
+        work = torch.promote_types(torch.promote_types(local.dtype, text_embeds.dtype),
+                                   torch.float32)
+        direction = pooled_text_direction(text_embeds, text_mask=text_mask,
+                                          text_pool=self.router.config.text_pool, dtype=work)
+        token_scores = cosine_scores_to(local.reshape(-1, dl), direction, image)
+        scores = token_scores.new_zeros(b, n_max).index_put((image, pos), token_scores)
+        return self.router.route_scores(scores, image_mask=valid, empty_text=empty, gamma=gamma)

@@ -70,7 +70,9 @@ __all__ = [
     "PaddedTokens",
     "RouterInputError",
     "RouterOutput",
+    "cosine_scores_to",
     "pooled_cosine_scores",
+    "pooled_text_direction",
 ]
 
 LEGACY_SOFTMAX_TEMPERATURE = 0.5
@@ -223,6 +225,19 @@ def pooled_cosine_scores(
     gradient flows back (routing decisions are not differentiable). Inputs are not validated here.
     """
     cd = _compute_dtype(image_tokens.dtype, text_embeds.dtype)
+    pooled = pooled_text_direction(text_embeds, text_mask=text_mask, text_pool=text_pool,
+                                   dtype=cd)
+    v = image_tokens.detach().to(cd)
+    dots = torch.einsum("bnd,bd->bn", v, pooled)
+    return dots / torch.linalg.vector_norm(v, dim=-1).clamp_min(_NORM_EPS)
+
+
+def pooled_text_direction(text_embeds: Tensor, *, text_mask: Tensor | None = None,
+                          text_pool: str = "mean", dtype: torch.dtype | None = None) -> Tensor:
+    """``pool(ê_j)``: the mean (or sum) over valid text tokens of the unit text embeddings,
+    ``(b, d)`` in ``dtype`` (default: float32, float64 for float64 input), detached. The pooled
+    cosine score of a token ``v`` is ``v̂ · pool(ê_j)``. Inputs are not validated here."""
+    cd = _compute_dtype(text_embeds.dtype) if dtype is None else dtype
     e = text_embeds.detach().to(cd)
     e = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
     if text_mask is not None:
@@ -231,8 +246,17 @@ def pooled_cosine_scores(
     if text_pool == "mean":
         count = e.new_full((e.shape[0],), e.shape[1]) if text_mask is None else text_mask.sum(1)
         pooled = pooled / count.to(cd).clamp_min(1.0).unsqueeze(-1)
-    v = image_tokens.detach().to(cd)
-    dots = torch.einsum("bnd,bd->bn", v, pooled)
+    return pooled
+
+
+def cosine_scores_to(tokens: Tensor, directions: Tensor, owner: Tensor) -> Tensor:
+    """``v̂_t · directions[owner[t]]`` for tokens ``(t, d)`` that belong to different samples:
+    :func:`pooled_cosine_scores` for tokens held packed instead of ``(b, n, d)``.
+
+    ``directions`` (b, d) from :func:`pooled_text_direction`, ``owner`` (t,) long sample index.
+    Returns ``(t,)`` in ``directions``' dtype, detached. Inputs are not validated here."""
+    v = tokens.detach().to(directions.dtype)
+    dots = (v @ directions.T).gather(1, owner[:, None]).squeeze(1)  # (t, b) → (t,): b is small
     return dots / torch.linalg.vector_norm(v, dim=-1).clamp_min(_NORM_EPS)
 
 
@@ -334,26 +358,53 @@ class CosineTokenRouter(ConfigurableMixin, nn.Module):
         γ, or (``on_empty_text="raise"``) when a sample's question has no valid token.
         """
         self._validate(image_tokens, text_embeds, image_mask, text_mask, noise)
-        cfg = self.config
-        gamma = cfg.gamma if gamma is None else _check_gamma(gamma, "gamma")
-        b, n, _ = image_tokens.shape
-        device = image_tokens.device
+        empty_text = self.empty_text(text_embeds, text_mask)
+        scores = pooled_cosine_scores(image_tokens, text_embeds, text_mask=text_mask,
+                                      text_pool=self.config.text_pool)
+        return self.route_scores(scores, image_mask=image_mask, empty_text=empty_text,
+                                 gamma=gamma, noise=noise)
 
+    def empty_text(self, text_embeds: Tensor, text_mask: Tensor | None) -> Tensor:
+        """``(b,)`` bool, True where a sample's question has no valid token. Raises
+        :class:`RouterInputError` for such a sample when ``on_empty_text="raise"`` (the only case
+        that reads a value back from the device)."""
+        b = text_embeds.shape[0]
         if text_mask is None:
-            empty_text = torch.full((b,), text_embeds.shape[1] == 0, device=device)
+            empty = torch.full((b,), text_embeds.shape[1] == 0, device=text_embeds.device)
         else:
-            empty_text = ~text_mask.any(dim=1)
-        if cfg.on_empty_text == "raise" and bool(empty_text.any()):
-            bad = empty_text.nonzero().flatten().tolist()
+            empty = ~text_mask.any(dim=1)
+        if self.config.on_empty_text == "raise" and bool(empty.any()):
+            bad = empty.nonzero().flatten().tolist()
             raise RouterInputError(
                 f"text_mask: samples {bad} have no valid question token, so there is nothing to "
                 "route by (pass on_empty_text='keep_all' to keep all their image tokens)"
             )
+        return empty
 
+    def route_scores(
+        self,
+        scores: Tensor,
+        *,
+        image_mask: Tensor | None = None,
+        empty_text: Tensor | None = None,
+        gamma: float | None = None,
+        noise: Tensor | None = None,
+    ) -> RouterOutput:
+        """Select tokens from already pooled cosine scores ``(b, n)`` (what :meth:`forward`
+        computes with :func:`pooled_cosine_scores`; a caller that holds the tokens in another
+        layout, e.g. the adapter's packed tiles, scores them there and scatters the scores).
+
+        ``image_mask`` (b, n) bool True = valid; ``empty_text`` (b,) bool marks samples whose
+        question is empty (all their valid tokens are kept); ``gamma`` and ``noise`` as in
+        :meth:`forward`. Returns :class:`RouterOutput`; no host synchronisation. Raises
+        :class:`RouterInputError` on a bad γ. Shapes are not validated here.
+        """
+        cfg = self.config
+        gamma = cfg.gamma if gamma is None else _check_gamma(gamma, "gamma")
+        b, n = scores.shape
+        device = scores.device
         valid = (torch.ones(b, n, dtype=torch.bool, device=device) if image_mask is None
                  else image_mask)
-        scores = pooled_cosine_scores(image_tokens, text_embeds, text_mask=text_mask,
-                                      text_pool=cfg.text_pool)
         if cfg.legacy_softmax:
             scores = _masked_softmax(scores / LEGACY_SOFTMAX_TEMPERATURE, valid)
         if noise is not None:
@@ -371,7 +422,8 @@ class CosineTokenRouter(ConfigurableMixin, nn.Module):
         num_valid = valid.sum(dim=1)
         if gamma >= 1.0:
             count = num_valid
-        count = torch.where(empty_text, num_valid, count)
+        if empty_text is not None:
+            count = torch.where(empty_text, num_valid, count)
         count = count.clamp(min=cfg.min_keep, max=cfg.max_keep)
         count = torch.minimum(count, num_valid)
 
