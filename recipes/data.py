@@ -37,10 +37,11 @@ SIZES = ((336, 336), (672, 336), (336, 672), (600, 480), (900, 500), (400, 1000)
 
 
 def make_color_dataset(out_dir: str | Path, num: int, *, seed: int = 0,
-                       square: int = 28) -> Path:
+                       square: int = 28, clutter: int = 12) -> Path:
     """Write ``num`` generated images and ``data.json`` (LLaVA format) into ``out_dir``.
 
-    Returns the path of ``data.json``. Files are written before the index, which is written
+    ``clutter`` low-contrast rectangles are drawn before the square. Returns the path of
+    ``data.json``. Files are written before the index, which is written
     atomically, so an interrupted call leaves no index that points at missing images."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +53,7 @@ def make_color_dataset(out_dir: str | Path, num: int, *, seed: int = 0,
         base = [rng.randrange(60, 200) for _ in range(3)]
         img = Image.new("RGB", (w, h), tuple(base))
         # low-contrast clutter so the square is not the only structure in the image
-        for _ in range(12):
+        for _ in range(clutter):
             x0, y0 = rng.randrange(0, w - 40), rng.randrange(0, h - 40)
             shade = tuple(min(255, max(0, c + rng.randrange(-40, 40))) for c in base)
             img.paste(shade, (x0, y0, x0 + rng.randrange(20, 80), y0 + rng.randrange(20, 80)))

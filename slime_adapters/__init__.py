@@ -43,6 +43,8 @@ _EXPORTS = {
     "PaddedTokens": "router",
     "RouterInputError": "router",
     "pooled_cosine_scores": "router",
+    "pooled_text_direction": "router",
+    "cosine_scores_to": "router",
     "SliMEVisualAdapter": "adapter",
     "SliMEVisualAdapterConfig": "adapter",
     "VisualTokens": "adapter",
