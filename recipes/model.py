@@ -39,14 +39,21 @@ class SliMEForCausalLM(nn.Module):
         image_token_id: the prompt's image placeholder id.
         feature_layer: which hidden state feeds the adapter.
         drop_cls: drop the first (CLS) token of every view (CLIP has one, SigLIP has none).
+        separator_token_id: the token whose LLM embedding separates global and local tokens
+            when the adapter's separator is ``"embedding"`` (the released code uses ``","``).
     """
 
     def __init__(self, *, vision: nn.Module, adapter: SliMEVisualAdapter, llm: nn.Module,
-                 image_token_id: int, feature_layer: int = -2, drop_cls: bool = True) -> None:
+                 image_token_id: int, feature_layer: int = -2, drop_cls: bool = True,
+                 separator_token_id: int | None = None) -> None:
         super().__init__()
         emb = llm.get_input_embeddings().embedding_dim
         if emb != adapter.llm_dim:
             raise ValueError(f"adapter LLM width {adapter.llm_dim} != LLM embedding width {emb}")
+        if adapter.config.separator == "embedding" and separator_token_id is None:
+            raise ValueError('the adapter\'s separator is "embedding": pass separator_token_id '
+                             '(e.g. the id of ",", as the released model does)')
+        self.separator_token_id = separator_token_id
         self.vision, self.adapter, self.llm = vision, adapter, llm
         self.image_token_id = image_token_id
         self.feature_layer = feature_layer
@@ -77,7 +84,11 @@ class SliMEForCausalLM(nn.Module):
         text = None
         if question_ids is not None:
             text = self.llm.get_input_embeddings()(question_ids.to(dev))
+        sep = None
+        if self.adapter.config.separator == "embedding":
+            sep = self.llm.get_input_embeddings().weight[self.separator_token_id]
         return self.adapter(glob, tiles, grids=images.grids, text_embeds=text,
+                            separator_embeds=sep,
                             text_mask=None if question_mask is None else question_mask.to(dev),
                             views=views, force_expert=force_expert, router_gamma=router_gamma)
 

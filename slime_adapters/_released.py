@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -420,7 +421,8 @@ def export_released(
     :class:`SliMEVisualAdapter`, a :class:`ReleasedWeights`, a :class:`NoisyMoEProjector` or a
     :class:`QueryCompressor`; keys are ``prefix + "mm_projector." + name`` and
     ``prefix + "sampler.post_qformer." + name``. A projector without ``mean``/``std`` (paper mode)
-    gets the released 0 and 1.
+    gets the released 0 and 1. Exporting a paper-mode module warns: the layout holds its weights,
+    but the released code computes a different function with them.
 
     Raises:
         CheckpointError: something the released layout cannot hold (a separate query-expert or
@@ -445,6 +447,13 @@ def export_released(
         raise CheckpointError(f"export_released: cannot export a {type(modules).__name__}")
     out = {}
     for part, module in ((p, m) for p, m in parts.items() if m is not None):
+        if getattr(module, "mode", "reference") != "reference":
+            # The released code runs these weights with its own rules (bicubic key positions,
+            # normalised gates): a paper-mode module will not compute the same function there.
+            warnings.warn(
+                f"export_released: the {type(module).__name__} is in mode={module.mode!r}; the "
+                "released code (and import_released) run its weights in reference mode, which "
+                "gives different outputs", UserWarning, stacklevel=2)
         state = module.state_dict()
         meta = sorted(k for k, v in state.items() if v.is_meta)
         if meta:

@@ -33,6 +33,7 @@ from slime_adapters.router import (
     CosineTokenRouter,
     CosineTokenRouterConfig,
     RouterOutput,
+    _check_gamma,
     cosine_scores_to,
     pooled_text_direction,
 )
@@ -205,9 +206,13 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
             nn.Parameter(torch.empty(projector.out_dim, **factory)) if separator == "learned" else None
         )
         self.tokens_side = side
-        self.reset_separator()
+        self.reset_parameters()
 
-    def reset_separator(self) -> None:
+    def reset_parameters(self) -> None:
+        """(Re-)initialise the adapter's own parameter, the learned separator (normal, std 0.02).
+
+        The sub-modules reset their own; after building on the meta device and ``to_empty()``,
+        call ``reset_parameters()`` on every module that has one, this one included."""
         if self.separator is not None and not self.separator.is_meta:
             nn.init.normal_(self.separator, std=0.02)
 
@@ -403,7 +408,8 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
     ) -> RouterOutput:
         """Route the local tokens of every image on its raster. The tokens stay packed
         ``(p, q, dl)``: only their scalar scores are scattered onto the ``(b, n_max)`` raster."""
-        gamma_eff = self.router.config.gamma if gamma is None else gamma
+        gamma_eff = self.router.config.gamma if gamma is None else _check_gamma(gamma,
+                                                                                "router_gamma")
         if text_embeds is None:
             if gamma_eff < 1.0:
                 raise ValueError(

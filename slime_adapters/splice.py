@@ -99,6 +99,8 @@ def splice_into_embeddings(
             f"found {num_placeholders} image placeholder tokens (id {image_token_id}) in input_ids "
             f"but {lengths.numel()} images' visual tokens"
         )
+    if lengths.dim() != 1 or (lengths.numel() and int(lengths.min()) < 0):
+        raise ValueError(f"visual token lengths must be a 1-D non-negative list, got {lengths.tolist()}")
     if int(lengths.sum()) != packed.shape[0]:
         raise ValueError(
             f"visual token lengths sum to {int(lengths.sum())} but packed holds {packed.shape[0]}"
@@ -132,7 +134,12 @@ def splice_into_embeddings(
         1 if attention_mask is None else attention_mask[text_rows, text_cols].long()
     )
     if out_labels is not None:
-        out_labels[text_rows, dest] = labels[text_rows, text_cols]
+        text_labels = labels[text_rows, text_cols]
+        if attention_mask is not None:
+            # the input's own padding carries no loss, whatever label the caller put there
+            text_labels = text_labels.masked_fill(attention_mask[text_rows, text_cols] == 0,
+                                                  ignore_index)
+        out_labels[text_rows, dest] = text_labels
 
     # Visual tokens: token j of image k goes to (row of placeholder k, its start column + j).
     img_rows, img_cols = torch.nonzero(is_image, as_tuple=True)  # row-major = image order

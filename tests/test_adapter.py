@@ -195,3 +195,20 @@ def test_bad_construction():
         SliMEVisualAdapter(projector=NoisyMoEProjectorConfig(in_dim=32, out_dim=64, num_tokens=16),
                            compressor=QueryCompressorConfig(dim=32, num_queries=6,
                                                             pos_embed="none"))
+
+
+def test_router_gamma_is_checked_without_text_too():
+    adapter = _adapter()
+    glob, tiles, _, _ = _inputs([(1, 1)])
+    for bad in (1.5, float("nan"), 0.0):
+        with pytest.raises(ValueError, match="router_gamma must be a number in"):
+            adapter(glob, tiles, grids=[(1, 1)], router_gamma=bad)
+
+
+def test_meta_construction_then_reset_parameters_initialises_the_separator():
+    meta = SliMEVisualAdapter.from_config(_adapter().config, device="meta")
+    real = meta.to_empty(device="cpu")
+    for module in real.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert 0.005 < real.separator.std().item() < 0.05

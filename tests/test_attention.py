@@ -269,6 +269,13 @@ def test_bad_packed_arguments():
         attention(q, k, v, seqlens=[6], key_padding_mask=torch.zeros(1, 6, dtype=torch.bool))
     with pytest.raises(AttentionInputError, match="integer tensor"):
         attention(q, k, v, seqlens=torch.tensor([3.0, 3.0]))
+    # lengths given as tensors are checked too (a negative one would corrupt memory)
+    with pytest.raises(AttentionInputError, match="non-negative"):
+        attention(q, k, v, seqlens=torch.tensor([-1, 7]))
+    with pytest.raises(AttentionInputError, match="sums to 5"):
+        attention(q, k, v, seqlens=torch.tensor([2, 3]))
+    with pytest.raises(AttentionInputError, match="kv_seqlens sums to 4"):
+        attention(q, k, v, seqlens=[3, 3], kv_seqlens=torch.tensor([2, 2]))
 
 
 def test_bad_padding_mask():
@@ -277,3 +284,20 @@ def test_bad_padding_mask():
         attention(q, k, v, key_padding_mask=torch.zeros(2, 6))
     with pytest.raises(AttentionInputError, match=r"shape \(batch, keys\) = \(2, 6\)"):
         attention(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+
+
+def test_probe_verdict_does_not_depend_on_the_callers_autocast():
+    q, k, v = _qkv(1, 12, 12, 2, 16, dtype=torch.float32)
+    cache = ProbeCache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention(q, k, v, probe_cache=cache)
+    assert cache.reasons("sdpa", q.device, torch.float32) == []
+    assert select_backend(q, k, v, probe_cache=cache) == "sdpa"
+
+
+def test_meta_tensors_run_without_a_probe():
+    q, k, v = (t.to("meta") for t in _qkv(2, 5, 7, 2, 8, dtype=torch.float32))
+    cache = ProbeCache()
+    out = attention(q, k, v, probe_cache=cache)
+    assert out.is_meta and out.shape == (2, 5, 2, 8)
+    assert select_backend(q, k, v, probe_cache=cache) == "sdpa"

@@ -114,3 +114,27 @@ def test_demo_runs_end_to_end(tmp_path):
         "visual_tokens_per_image"]
     adapter = load_module(tmp_path / "adapter")
     assert adapter.config.compressor.num_queries == 16
+
+
+def test_embedding_separator_uses_the_llm_embedding(dataset, tokenizer):
+    import dataclasses
+
+    from recipes.model import SliMEForCausalLM
+    from slime_adapters import SliMEVisualAdapter
+
+    base = build_model(tokenizer)
+    cfg = dataclasses.replace(base.adapter.config, separator="embedding")
+    adapter = SliMEVisualAdapter.from_config(cfg)
+    comma = tokenizer.convert_tokens_to_ids("?")
+    with pytest.raises(ValueError, match="pass separator_token_id"):
+        SliMEForCausalLM(vision=base.vision, adapter=adapter, llm=base.llm,
+                         image_token_id=base.image_token_id)
+    model = SliMEForCausalLM(vision=base.vision, adapter=adapter, llm=base.llm,
+                             image_token_id=base.image_token_id, separator_token_id=comma).eval()
+    batch = collate_examples([dataset[0]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        visual = model.visual_tokens(batch["images"], question_ids=batch["question_ids"],
+                                     question_mask=batch["question_mask"])
+    n_global = visual.num_global
+    torch.testing.assert_close(visual.packed[n_global],
+                               base.llm.get_input_embeddings().weight[comma])

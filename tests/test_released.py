@@ -372,6 +372,7 @@ def test_bad_files(state, tmp_path):
         import_released(_part(state, SAMP), num_heads=3)
 
 
+@pytest.mark.filterwarnings("ignore:export_released:UserWarning")
 def test_export_and_adapter_errors(state):
     only_proj = import_released(_part(state, PROJ))
     with pytest.raises(CheckpointError, match=r"needs both modules; compressor "
@@ -394,3 +395,13 @@ def test_export_and_adapter_errors(state):
     # a paper-mode projector exports with the released buffers filled in
     paper = export_released(NoisyMoEProjector(in_dim=V, out_dim=L, num_tokens=N))
     assert float(paper[PROJ + "std"]) == 1.0 and sorted(paper) == sorted(_part(state, PROJ))
+
+
+def test_exporting_a_paper_mode_module_warns():
+    from slime_adapters.compressor import QueryCompressor
+    from slime_adapters.checkpoint import export_released
+
+    paper = QueryCompressor(dim=32, num_queries=4, num_heads=2, mode="paper")
+    with pytest.warns(UserWarning, match="mode='paper'"):
+        out = export_released(paper)
+    assert any(k.endswith("post_qformer.query") for k in out)

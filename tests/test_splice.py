@@ -89,6 +89,7 @@ def test_placeholder_count_mismatch_raises():
         (dict(padding_side="middle"), "padding_side"),
         (dict(bad_sum=True), "lengths sum to"),
         (dict(drop_padding=True), "drop_padding=True needs the attention_mask"),
+        (dict(negative=True), "non-negative"),
     ],
 )
 def test_bad_input(kwargs, match):
@@ -101,6 +102,8 @@ def test_bad_input(kwargs, match):
         labels = labels[:2]
     if kwargs.get("bad_sum"):
         packed = packed[:-1]
+    if kwargs.get("negative"):
+        lengths = torch.tensor([-1, 6, 6])
     with pytest.raises(ValueError, match=match):
         splice_into_embeddings(embeds, ids, IMG, (packed, lengths), labels=labels,
                                padding_side=kwargs.get("padding_side", "right"),
@@ -141,3 +144,11 @@ def test_drop_padding_left_pads_for_generation():
     assert out.attention_mask[:, -1].tolist() == [1, 1, 1]
     torch.testing.assert_close(out.inputs_embeds[0, -1], embeds[0, 4])
     assert int(out.attention_mask[0].sum()) == 4 + 4
+
+
+def test_labels_at_input_padding_are_ignored():
+    embeds, ids, labels, mask, packed, lengths = _batch()
+    out = splice_into_embeddings(embeds, ids, IMG, (packed, lengths), labels=labels,
+                                 attention_mask=mask)
+    padded = out.attention_mask == 0
+    assert padded.any() and (out.labels[padded] == -100).all()

@@ -28,6 +28,7 @@ an input raises :class:`BackendUnavailableError` listing every reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -96,6 +97,14 @@ def _as_lengths(lens: SeqLens, name: str, total: int, device: torch.device) -> T
                 f"{lens.dim()}-D {lens.dtype} tensor"
             )
         t = lens.to(device=device, dtype=torch.int64)
+        # Packed attention reads the lengths on the host anyway (the longest sequence, or the
+        # block-diagonal mask), so checking them here costs no extra synchronisation in kind.
+        if t.numel() and int(t.min()) < 0:
+            raise AttentionInputError(f"{name} must be non-negative, got {t.tolist()}")
+        if int(t.sum()) != total:
+            raise AttentionInputError(
+                f"{name} sums to {int(t.sum())} but the packed dimension has {total} tokens"
+            )
     else:
         vals = list(lens)  # type: ignore[arg-type]
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in vals):
@@ -362,28 +371,42 @@ _STATIC_REASONS = {
 
 
 def _probe_one(name: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Run a tiny real call (dense and packed) and compare it with the math backend."""
+    """Run a tiny real call (dense and packed) and compare it with the math backend.
+
+    Runs without autograd and with autocast off, so the caller's context cannot change the
+    verdict that is cached for the whole process. Meta tensors carry no values: sdpa and math are
+    taken as usable there without a probe."""
+    if device.type == "meta":
+        return _STATIC_REASONS[name](_validate(*(torch.empty(1, 1, 1, 1, device=device, dtype=dtype)
+                                                 for _ in "qkv"), None, None, None, None))
+    autocast_off = (torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda")
+                    else contextlib.nullcontext())
     try:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        shape = (1, 12, 2, 16)
-        q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in "qkv")
-        tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
-        for lens in (None, [5, 7]):
-            p = _validate(q, k, v, lens, None, None, None)
-            static = _STATIC_REASONS[name](p)
-            if static:
-                return static
-            out = _IMPLS[name](p)
-            ref = _IMPLS["math"](p)
-            if out.shape != ref.shape:
-                return [f"probe returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}"]
-            err = (out.float() - ref.float()).abs().max().item()
-            if not err <= tol:  # also catches NaN
-                what = "packed" if lens else "dense"
-                return [f"probe ({what}) disagrees with math: max abs error {err:.3g} > {tol}"]
+        with torch.no_grad(), autocast_off:
+            return _probe_calls(name, device, dtype)
     except Exception as exc:  # a failed probe is a reason, whatever raised it
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return [f"probe call failed: {type(exc).__name__}: {first}"]
+
+
+def _probe_calls(name: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape = (1, 12, 2, 16)
+    q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in "qkv")
+    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    for lens in (None, [5, 7]):
+        p = _validate(q, k, v, lens, None, None, None)
+        static = _STATIC_REASONS[name](p)
+        if static:
+            return static
+        out = _IMPLS[name](p)
+        ref = _IMPLS["math"](p)
+        if out.shape != ref.shape:
+            return [f"probe returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}"]
+        err = (out.float() - ref.float()).abs().max().item()
+        if not err <= tol:  # also catches NaN
+            what = "packed" if lens else "dense"
+            return [f"probe ({what}) disagrees with math: max abs error {err:.3g} > {tol}"]
     return []
 
 
@@ -403,6 +426,11 @@ class ProbeCache:
         with self._lock:
             cached = self.results.get(key)
         if cached is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise BackendUnavailableError(
+                    f"attention backend {name!r} has not been probed on {device}/{dtype} and "
+                    "cannot be during CUDA graph capture; run one call before capturing"
+                )
             cached = _probe_one(name, device, dtype)
             with self._lock:
                 self.results[key] = cached

@@ -427,7 +427,8 @@ def splice_reference(
             else:
                 e.append(input_embeds[r, c])
                 m.append(1 if attention_mask is None else int(attention_mask[r, c]))
-                lab.append(ignore_index if labels is None else int(labels[r, c]))
+                padded = attention_mask is not None and int(attention_mask[r, c]) == 0
+                lab.append(ignore_index if labels is None or padded else int(labels[r, c]))
         rows_e.append(e)
         rows_m.append(m)
         rows_l.append(lab)
