@@ -227,18 +227,6 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
         mlp = self.projector.mlp if self.local_mlp is None else self.local_mlp
         return mlp(self.compressor(tile_features))
 
-    def local_raster(self, local: Tensor, grids: Tensor) -> tuple[Tensor, Tensor]:
-        """Scatter ``(p, q, dl)`` tokens onto a padded ``(b, n_max, dl)`` raster plus its validity
-        mask ``(b, n_max)``. ``n_max`` comes from ``grids`` (read on the host when on a GPU)."""
-        tiles = grids[:, 0] * grids[:, 1]
-        n_max = int(tiles.max()) * self.tokens_side**2 if grids.shape[0] else 0
-        image, pos = local_raster_index(grids, self.tokens_side)
-        raster = local.new_zeros(grids.shape[0], n_max, local.shape[-1])
-        raster = raster.index_put((image, pos), local.reshape(-1, local.shape[-1]))
-        mask = torch.zeros(grids.shape[0], n_max, dtype=torch.bool, device=local.device)
-        mask = mask.index_put((image, pos), torch.ones((), dtype=torch.bool, device=local.device))
-        return raster, mask
-
     # ----------------------------------------------------------------------------------- forward
 
     def forward(
