@@ -5,18 +5,49 @@ by the adapter's visual tokens (:func:`slime_adapters.splice.splice_into_embeddi
 the LLM is patched. The vision encoder runs once per batch on every view (global views and tiles
 together) and its layer ``feature_layer`` (−2 by default, as LLaVA) without the CLS token feeds the
 adapter.
+
+Legend (for the shapes below)::
+
+    v  views (global views and tiles together)    s  vision tokens per view    dv vision width
+    b  images / prompts in the batch              t  prompt tokens             dl LLM width
+
+A saved model (:meth:`SliMEForCausalLM.save_pretrained`) is a folder::
+
+    slime.json     format version, token ids, feature_layer, drop_cls, the build config, extra
+    vision/        the vision encoder (Hugging Face save_pretrained, safetensors)
+    llm/           the causal LM (with LoRA: the base LM, LoRA layers removed)
+    llm_lora/      the peft LoRA adapter (only with LoRA)
+    adapter/       the SliME adapter (slime_adapters.save_module)
+    tokenizer/     the tokenizer (when one was given)
+
+written into a temporary sibling folder and renamed into place once complete.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from slime_adapters import __version__
 from slime_adapters.adapter import SliMEVisualAdapter, VisualTokens
+from slime_adapters.checkpoint import load_module, save_module
+from slime_adapters.config import atomic_write_text
 from slime_adapters.slicing import SlicedBatch
 from slime_adapters.splice import SplicedInputs, splice_into_embeddings
+
+FORMAT = "slime-adapters/full-model"
+FORMAT_VERSION = 1
+SLIME_JSON = "slime.json"
 
 
 @dataclass
@@ -41,11 +72,18 @@ class SliMEForCausalLM(nn.Module):
         drop_cls: drop the first (CLS) token of every view (CLIP has one, SigLIP has none).
         separator_token_id: the token whose LLM embedding separates global and local tokens
             when the adapter's separator is ``"embedding"`` (the released code uses ``","``).
+        build_config: the (normalised) dict :func:`recipes.build.build_model` built this model
+            from; saved in ``slime.json`` so that a run can be rebuilt and checked against it.
+
+    Raises:
+        ValueError: the adapter's LLM width differs from the LLM's embedding width, or the
+            adapter's separator is ``"embedding"`` and no ``separator_token_id`` is given.
     """
 
     def __init__(self, *, vision: nn.Module, adapter: SliMEVisualAdapter, llm: nn.Module,
                  image_token_id: int, feature_layer: int = -2, drop_cls: bool = True,
-                 separator_token_id: int | None = None) -> None:
+                 separator_token_id: int | None = None,
+                 build_config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         emb = llm.get_input_embeddings().embedding_dim
         if emb != adapter.llm_dim:
@@ -58,6 +96,7 @@ class SliMEForCausalLM(nn.Module):
         self.image_token_id = image_token_id
         self.feature_layer = feature_layer
         self.drop_cls = drop_cls
+        self.build_config = None if build_config is None else dict(build_config)
 
     def encode_views(self, pixels: Tensor) -> Tensor:
         """``(v, 3, T, T)`` normalised views → ``(v, s, dv)`` features."""
@@ -135,3 +174,243 @@ class SliMEForCausalLM(nn.Module):
         return self.llm.generate(inputs_embeds=spliced.inputs_embeds,
                                  attention_mask=spliced.attention_mask,
                                  max_new_tokens=max_new_tokens, **kwargs)
+
+    # ---------------------------------------------------------------------------- save / load
+
+    def save_pretrained(self, directory: str | os.PathLike[str], *, tokenizer=None,
+                        extra: Mapping[str, Any] | None = None) -> Path:
+        """Write the whole model (and ``tokenizer``) into ``directory``, the module docstring's
+        layout; ``extra`` (a JSON-ready dict: the chat template, the slicer's keywords, ...) is kept
+        in ``slime.json``.
+
+        Atomic: everything is written into a temporary sibling folder, which is renamed into place
+        once complete; an existing ``directory`` is moved aside only then (and restored should that
+        rename fail). A failure while writing leaves an existing folder untouched and removes the
+        temporary one.
+
+        Returns:
+            ``directory`` as a :class:`~pathlib.Path`.
+
+        Raises:
+            ValueError: ``extra`` is not a JSON-serialisable mapping, or the vision encoder or the
+                LLM has no ``save_pretrained`` (not a Hugging Face model).
+            slime_adapters.CheckpointError: the adapter holds tensors on the meta device.
+            OSError: the folder cannot be written.
+        """
+        directory = Path(directory)
+        if extra is not None and not isinstance(extra, Mapping):
+            raise ValueError(f"extra must be a dict, got {type(extra).__name__}")
+        extra = dict(extra or {})
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"extra must be JSON-serialisable: {exc}") from exc
+        lora = _is_peft(self.llm)
+        base = self.llm.get_base_model() if lora else self.llm
+        for name, part in (("vision", self.vision), ("llm", base)):
+            if not callable(getattr(part, "save_pretrained", None)):
+                raise ValueError(f"the {name} model ({type(part).__name__}) has no save_pretrained;"
+                                 " only Hugging Face models can be saved this way")
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "slime_adapters_version": __version__,
+            "image_token_id": self.image_token_id, "separator_token_id": self.separator_token_id,
+            "feature_layer": self.feature_layer, "drop_cls": self.drop_cls,
+            "vision_class": type(self.vision).__name__, "llm_class": type(base).__name__,
+            "lora": lora, "tokenizer": tokenizer is not None,
+            "config": self.build_config, "extra": extra,
+        }
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _fresh_sibling(directory, "tmp")
+        try:
+            with quiet_transformers():
+                self.vision.save_pretrained(tmp / "vision")
+                if lora:
+                    # the base LM without peft's wrappers, loadable by any transformers user
+                    base.save_pretrained(tmp / "llm", state_dict=_without_lora(base.state_dict()))
+                    self.llm.save_pretrained(tmp / "llm_lora")
+                else:
+                    base.save_pretrained(tmp / "llm")
+            save_module(self.adapter, tmp / "adapter")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / "tokenizer")
+            atomic_write_text(tmp / SLIME_JSON, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            _replace_dir(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str], *,
+                        lora_trainable: bool = False) -> tuple[SliMEForCausalLM, Any]:
+        """Load a folder written by :meth:`save_pretrained`.
+
+        Args:
+            directory: the saved folder.
+            lora_trainable: with a LoRA model, load the LoRA weights as trainable (for further
+                training) instead of frozen (for inference).
+
+        Returns:
+            ``(model, tokenizer)``: the model in eval mode, in the dtypes it was saved in; the
+            tokenizer is ``None`` when none was saved.
+
+        Raises:
+            FileNotFoundError: the folder, its ``slime.json`` or one of its parts is missing.
+            ValueError: ``slime.json`` is invalid (names the key), a part is incomplete, or a
+                saved class is not a transformers class.
+        """
+        directory = Path(directory)
+        meta = read_slime_json(directory)
+        parts = ["vision", "llm", "adapter"] + ["llm_lora"] * meta["lora"]
+        parts += ["tokenizer"] * meta["tokenizer"]
+        for part in parts:
+            if not (directory / part).is_dir():
+                raise FileNotFoundError(
+                    f"{str(directory)!r}: the saved model's part {part}/ is missing")
+        import transformers
+
+        classes = {}
+        for key in ("vision_class", "llm_class"):
+            klass = getattr(transformers, meta[key], None)
+            if not (isinstance(klass, type) and hasattr(klass, "from_pretrained")):
+                raise ValueError(f"{str(directory / SLIME_JSON)!r}: {key} {meta[key]!r} is not a "
+                                 "transformers model class")
+            classes[key] = klass
+        with quiet_transformers():
+            vision = _load_hf(classes["vision_class"], directory / "vision")
+            llm = _load_hf(classes["llm_class"], directory / "llm")
+            if meta["lora"]:
+                from peft import PeftModel
+
+                llm = PeftModel.from_pretrained(llm, directory / "llm_lora",
+                                                is_trainable=lora_trainable)
+            tokenizer = None
+            if meta["tokenizer"]:
+                tokenizer = transformers.AutoTokenizer.from_pretrained(directory / "tokenizer")
+        adapter = load_module(directory / "adapter")
+        model = cls(vision=vision, adapter=adapter, llm=llm, image_token_id=meta["image_token_id"],
+                    feature_layer=meta["feature_layer"], drop_cls=meta["drop_cls"],
+                    separator_token_id=meta["separator_token_id"], build_config=meta["config"])
+        return model.eval(), tokenizer
+
+
+# slime.json keys -> accepted types (bool is checked apart from int)
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (str,), "format_version": (int,), "image_token_id": (int,),
+    "separator_token_id": (int, type(None)), "feature_layer": (int,), "drop_cls": (bool,),
+    "vision_class": (str,), "llm_class": (str,), "lora": (bool,), "tokenizer": (bool,),
+    "config": (dict, type(None)), "extra": (dict,),
+}
+
+
+def read_slime_json(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check the ``slime.json`` of a folder written by
+    :meth:`SliMEForCausalLM.save_pretrained`.
+
+    Returns:
+        Its content as a dict (``config``: the build config or ``None``; ``extra``: a dict).
+
+    Raises:
+        FileNotFoundError: the folder or its ``slime.json`` does not exist.
+        ValueError: invalid JSON, another format, a newer format version, or a missing or
+            mistyped key (named).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model folder {str(directory)!r} does not exist")
+    path = directory / SLIME_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist: {str(directory)!r} is not a folder "
+                                "written by SliMEForCausalLM.save_pretrained")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{str(path)!r}: format is {got!r}, expected {FORMAT!r}")
+    for key, types in _META_TYPES.items():
+        if key not in meta:
+            raise ValueError(f"{str(path)!r}: missing key {key!r}")
+        value = meta[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ValueError(f"{str(path)!r}: {key} must be {names}, got {value!r}")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r}: format_version {meta['format_version']} is newer than "
+                         f"this version reads ({FORMAT_VERSION}); upgrade slime-adapters")
+    return meta
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports and progress bars inside the block (restored after):
+    the loaders below check completeness themselves."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_hf(klass, folder: Path):
+    model, info = klass.from_pretrained(folder, output_loading_info=True)
+    if info.get("missing_keys"):
+        raise ValueError(f"{str(folder)!r} lacks weights for {sorted(info['missing_keys'])}")
+    return model
+
+
+def _is_peft(module: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # without peft installed no model can be a peft model
+        return False
+    return isinstance(module, PeftModel)
+
+
+def _without_lora(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A peft-wrapped model's state dict with the LoRA tensors dropped and the wrapped layers'
+    ``base_layer`` names restored to the plain model's."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        out[".".join(p for p in parts if p != "base_layer")] = value
+    return out
+
+
+def _fresh_sibling(target: Path, tag: str) -> Path:
+    """A new empty hidden folder beside ``target`` (made with ``mkdir``, so the umask applies:
+    ``tempfile.mkdtemp`` would leave the saved model readable by its owner only)."""
+    while True:
+        path = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename the complete folder ``new`` to ``target``; an existing ``target`` is moved aside
+    first (a directory cannot be renamed over a non-empty one) and restored if that fails."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = _fresh_sibling(target, "old")
+    os.replace(target, old / "previous")
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / "previous", target)
+        raise
+    finally:
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
