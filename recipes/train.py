@@ -205,7 +205,10 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
                            rank=dist.rank, world=dist.world, per_epoch=per_epoch)
     loader = torch.utils.data.DataLoader(
         batches, batch_size=None, sampler=range(start * accum, total * accum),
-        num_workers=cfg["data"]["num_workers"])
+        num_workers=cfg["data"]["num_workers"],
+        # its own generator: the loader's seeding must not draw from the global RNG, which a
+        # resumed run restores to where the interrupted one stood
+        generator=torch.Generator().manual_seed(t["seed"]))
     progress = _progress(total, start, enabled=t["progress"] and dist.rank == 0)
     losses: list[float] = []
     t0 = time.perf_counter()

@@ -174,6 +174,11 @@ class _Engine:
         self.model, self.scheduler, self.stage = model, scheduler, stage
         self.dist, self.accum, self.t = dist, accum, t
 
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        # looked up every time: loading an optimizer state replaces the list
+        return self.optimizer.param_groups
+
     def _capture_base_lrs(self) -> None:
         self._base = [g["lr"] for g in self.param_groups]
 
@@ -274,7 +279,6 @@ class TorchEngine(_Engine):
         groups = scheduler.enter(stage)
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(t["adam_betas"]))
-        self.param_groups = self.optimizer.param_groups
         self.wrapped = model
         if dist.world > 1:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -335,8 +339,11 @@ class DeepSpeedEngine(_Engine):
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
         optimizer = functools.partial(torch.optim.AdamW, betas=tuple(t["adam_betas"]))
         self.engine = engine_for_stage(model, scheduler, stage, config, optimizer_cls=optimizer)
-        self.param_groups = self.engine.optimizer.param_groups
         self._capture_base_lrs()
+
+    @property
+    def optimizer(self):
+        return self.engine.optimizer
 
     def forward(self, batch: dict[str, Any], **kw: Any):
         return self.engine(**self._inputs(batch, **kw))
