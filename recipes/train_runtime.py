@@ -349,7 +349,12 @@ class DeepSpeedEngine(_Engine):
         return self.engine(**self._inputs(batch, **kw))
 
     def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
+        if self.engine.is_gradient_accumulation_boundary() != boundary:
+            raise RuntimeError("DeepSpeed's gradient-accumulation boundary disagrees with the "
+                               "training loop's")
         self.engine.backward(loss)
+        if not boundary:
+            self.engine.step()  # DeepSpeed counts micro-batches in step(); no update here
 
     def step(self) -> None:
         self.engine.step()

@@ -152,12 +152,14 @@ def _launch(tmp_path: Path, args: list[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
 def test_two_processes_on_gloo(engine, stage1, tmp_path):
-    """Two CPU processes: the stage trains its parameters only and matches across ranks; ZeRO-3
-    gathers the partitioned weights for the final save."""
+    """Two CPU processes with gradient accumulation: the stage trains its parameters only and
+    updates them at every optimizer step; ZeRO-3 gathers the partitioned weights for the final
+    save; a run resumed from the first checkpoint ends bit-identical."""
     pytest.importorskip("deepspeed")
     tmp, _ = stage1
     extra = {"model.init_from": str(tmp / "s1" / "final"), "training.max_steps": "2",
-             "training.global_batch_size": "4", "training.micro_batch_size": "1"}
+             "training.global_batch_size": "4", "training.micro_batch_size": "1",
+             "training.save_every": "1"}
     if engine != "ddp":
         extra["training.deepspeed"] = engine
     args = ["--config", str(TINY / "stage2.yaml"), *_sets(tmp, "unused", **extra),
@@ -170,4 +172,30 @@ def test_two_processes_on_gloo(engine, stage1, tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("compressor" in k or "local_mlp" in k or "separator" in k
                            for k in changed), changed
-    assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "step-0000002"
+    ck = tmp_path / "out" / "checkpoints"
+    assert (ck / "latest").read_text() == "step-0000002"
+    # step 1 already moved the weights (an engine that missed its boundary would not have)
+    step1 = _checkpoint_weights(ck / "step-0000001", engine)
+    assert any(not torch.equal(step1[k], before[f"adapter/{k}"]) for k in step1)
+    # the process group dies after step 1's checkpoint: resume from it
+    shutil.rmtree(tmp_path / "out" / "final")
+    shutil.rmtree(ck / "step-0000002")
+    (ck / "latest").write_text("step-0000001")
+    _launch(tmp_path, args)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["resumed_from"] == 1
+    resumed = _weights(tmp_path / "out" / "final")
+    assert all(torch.equal(resumed[k], after[k]) for k in after), sorted(
+        k for k in after if not torch.equal(resumed[k], after[k]))
+
+
+def _checkpoint_weights(folder: Path, engine: str) -> dict[str, torch.Tensor]:
+    """The compressor's weights in a resumable checkpoint, named as in the adapter folder."""
+    if engine == "ddp":
+        state = torch.load(folder / "state.pt", weights_only=True)["trainable"]
+    else:  # ZeRO-3 keeps partitions in the optimizer files: rebuild them with DeepSpeed's tool
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    return {k.removeprefix("adapter."): v for k, v in state.items()
+            if k.startswith("adapter.compressor.")}
