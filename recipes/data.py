@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from recipes.templates import IMAGE_TOKEN, ChatTemplate, TemplateError, get_template
 from slime_adapters.config import atomic_write_text
 from slime_adapters.slicing import AdaptiveSlicer, SlicedImage, collate
 
-IMAGE_TOKEN = "<image>"
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 180, 40),
@@ -103,29 +103,32 @@ class Example:
     input_ids: torch.Tensor  # (t,) prompt + answer
     labels: torch.Tensor  # (t,) -100 on the prompt
     question_ids: torch.Tensor  # (l,) the question alone, for the router
-    answer: str
-
-
-def encode_plain(tokenizer, question: str, answer: str | None) -> tuple[list[int], list[int], list[int]]:
-    """The ``plain`` template: ``<s> USER: <image> question ASSISTANT: answer </s>``.
-
-    Returns (input_ids, labels, question_ids); labels cover only the answer and ``</s>``; without
-    an answer the prompt ends after ``ASSISTANT:`` (for generation)."""
-    q = question.replace(IMAGE_TOKEN, " ").strip()
-    prompt = [tokenizer.bos_token_id] + tokenizer.convert_tokens_to_ids(["USER:", IMAGE_TOKEN])
-    q_ids = tokenizer(q, add_special_tokens=False).input_ids
-    prompt = prompt + q_ids + tokenizer.convert_tokens_to_ids(["ASSISTANT:"])
-    if answer is None:
-        return prompt, [-100] * len(prompt), q_ids
-    a_ids = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return prompt + a_ids, [-100] * len(prompt) + a_ids, q_ids
+    answer: str  # the last answer of the conversation
 
 
 class LlavaJsonDataset(torch.utils.data.Dataset):
-    """A LLaVA-format JSON file: every record's first human/gpt pair, sliced and tokenised."""
+    """A LLaVA-format JSON file: every record's image sliced and its whole conversation tokenised
+    by a chat template (:mod:`recipes.templates`), the loss on the answers only.
+
+    Args:
+        index: the JSON list of records.
+        tokenizer: a Hugging Face tokenizer holding the ``<image>`` token.
+        slicer: turns each record's image into a global view and tiles.
+        template: a :func:`recipes.templates.get_template` name (or a template).
+        image_root: the folder image paths are relative to (default: the index's folder).
+
+    Raises:
+        FileNotFoundError: ``index`` is missing.
+        ValueError: ``index`` is not a JSON list of records with ``image`` and at least one
+            human/gpt pair; an unknown template. Reading a record raises ``ValueError`` naming
+            the record when its conversation does not fit the template, and the slicer's error
+            (naming the file) when its image is missing or broken.
+    """
 
     def __init__(self, index: str | Path, *, tokenizer, slicer: AdaptiveSlicer,
+                 template: str | ChatTemplate = "qa",
                  image_root: str | Path | None = None) -> None:
+        self.template = get_template(template) if isinstance(template, str) else template
         index = Path(index)
         if not index.is_file():
             raise FileNotFoundError(f"dataset index {str(index)!r} does not exist")
@@ -150,10 +153,13 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Example:
         rec = self.records[i]
-        question, answer = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
-        ids, labels, q_ids = encode_plain(self.tokenizer, question, answer)
-        return Example(self.slicer(self.root / rec["image"]), torch.tensor(ids),
-                       torch.tensor(labels), torch.tensor(q_ids), answer)
+        try:
+            enc = self.template.encode(self.tokenizer, rec["conversations"])
+        except TemplateError as exc:
+            raise ValueError(f"record {i} (id {rec.get('id')!r}): {exc}") from exc
+        answer = rec["conversations"][-1]["value"]
+        return Example(self.slicer(self.root / rec["image"]), torch.tensor(enc.input_ids),
+                       torch.tensor(enc.labels), torch.tensor(enc.question_ids), answer)
 
 
 def collate_examples(examples: Sequence[Example], pad_id: int) -> dict[str, object]:

@@ -14,7 +14,6 @@ from recipes.data import (  # noqa: E402
     LlavaJsonDataset,
     build_word_tokenizer,
     collate_examples,
-    encode_plain,
     make_color_dataset,
 )
 from recipes.demo import build_model, main, roles_of  # noqa: E402
@@ -38,16 +37,6 @@ def test_generated_dataset_is_llava_format(dataset):
     assert rec["conversations"][0]["value"].startswith("<image>\n")
     assert rec["conversations"][1]["value"] in COLORS
     assert (dataset.root / rec["image"]).is_file()
-
-
-def test_plain_template_puts_loss_on_the_answer_only(tokenizer):
-    ids, labels, q = encode_plain(tokenizer, "<image>\nwhat color is the square ?", "red")
-    toks = tokenizer.convert_ids_to_tokens(ids)
-    assert toks[:3] == ["<s>", "USER:", "<image>"] and toks[-3:] == ["ASSISTANT:", "red", "</s>"]
-    assert [t for t, lab in zip(toks, labels) if lab != -100] == ["red", "</s>"]
-    assert tokenizer.convert_ids_to_tokens(q) == "what color is the square ?".split()
-    prompt, plabels, _ = encode_plain(tokenizer, "what color is the square ?", None)
-    assert prompt == ids[:-2] and set(plabels) == {-100}
 
 
 def test_collate_packs_tiles_and_pads_text(dataset, tokenizer):

@@ -1,0 +1,288 @@
+"""Train one stage of a SliME model from a YAML configuration (see :mod:`recipes.train_config`).
+
+::
+
+    python -m recipes.train --config recipes/configs/tiny/stage1.yaml          # one process
+    torchrun --nproc_per_node 8 -m recipes.train --config CONFIG               # DDP / DeepSpeed
+    deepspeed --num_gpus 8 recipes/train.py --config CONFIG                    # DeepSpeed launcher
+    python -m recipes.train --config CONFIG --set training.lr=2e-5 --resume never
+
+A stage run builds the model (``model:``, through :func:`recipes.build.build_model`; a later stage
+names the previous stage's ``final`` folder in ``model.init_from``), enters the stage of the preset
+(only its roles train, on its views, with its router γ and forced expert), and trains for
+``training.epochs`` over the data (or ``training.max_steps`` optimizer steps) with AdamW, a cosine
+(or constant) learning rate after a linear warm-up, gradient accumulation up to
+``training.global_batch_size``, gradient clipping, and bf16 autocast or DeepSpeed ZeRO.
+
+Output folder (``training.output_dir``)::
+
+    config.yaml              the resolved configuration
+    log.jsonl                one line per logged step (loss, lr, seconds)
+    checkpoints/step-N/      resumable state (weights being trained, optimizer, RNG, step)
+    checkpoints/latest       the newest complete checkpoint's name
+    final/                   the trained model (SliMEForCausalLM.save_pretrained)
+    report.json              steps, first and last loss, time
+
+Checkpoints are written into ``step-N.partial`` by every rank and renamed into place by rank 0
+once all ranks are done, and ``latest`` is replaced atomically after that, so an interrupted run
+leaves the previous checkpoint as the one to resume from. ``--resume auto`` (the default) resumes
+from ``latest`` when it exists and refuses when the checkpoint was written under a different
+configuration (it names the keys that differ); the batch order depends only on the seed and the
+epoch, so a resumed run sees the batches the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recipes.train_config import TrainConfigError, load_config
+from recipes.train_runtime import (
+    Distributed,
+    build_engine,
+    config_fingerprint,
+    init_distributed,
+    lr_factor,
+)
+from slime_adapters.config import atomic_write_text
+
+__all__ = ["main", "resolve_stage"]
+
+
+def resolve_stage(cfg: dict[str, Any], role_names: list[str]):
+    """The preset's stage list with the configured stage overridden; returns (stages, stage).
+
+    Raises:
+        TrainConfigError: the stage name is not in the preset, or an override is invalid.
+    """
+    from slime_adapters import alternating, paper_stages, reference_stages
+    from slime_adapters.stages import ScheduleError
+
+    s, t = cfg["stage"], cfg["training"]
+    roles = [r for r in role_names if r != "vision"]
+    try:
+        if s["preset"] == "paper":
+            stages = paper_stages(roles=roles)
+        elif s["preset"] == "reference":
+            stages = reference_stages(roles=roles)
+        else:
+            stages = alternating(s["rounds"], roles=roles)
+        names = [st.name for st in stages]
+        if s["name"] not in names:
+            raise TrainConfigError(f"stage.name={s['name']!r} is not a stage of preset "
+                                   f"{s['preset']!r}: {names}")
+        index = names.index(s["name"])
+        changes = {k: s[k] for k in ("views", "router_gamma", "force_expert") if s[k] is not None}
+        if s["trainable"] is not None:
+            unknown = sorted(set(s["trainable"]) - set(role_names))
+            if unknown:
+                raise TrainConfigError(f"stage.trainable names unknown role(s) {unknown}; "
+                                       f"known: {sorted(role_names)}")
+            changes["trainable"] = tuple(s["trainable"])
+        if t["lr"] is not None:
+            changes["lr"] = float(t["lr"])
+        changes["weight_decay"] = float(t["weight_decay"])
+        stages[index] = dataclasses.replace(stages[index], **changes)
+    except ScheduleError as exc:
+        raise TrainConfigError(f"stage: {exc}") from exc
+    return stages, stages[index]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="a stage's YAML file")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key, e.g. training.lr=2e-5 (repeatable)")
+    ap.add_argument("--resume", default="auto",
+                    help="auto (resume from output_dir/checkpoints/latest when present), never, "
+                         "or a checkpoint folder")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK rules
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the stage; returns the report (on every rank)."""
+    args = _parse(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except (TrainConfigError, FileNotFoundError) as exc:
+        raise SystemExit(f"train: {exc}") from None
+    dist = init_distributed(cfg)
+    try:
+        return _train(cfg, args, dist)
+    finally:
+        dist.close()
+
+
+def _prepare_data(cfg: dict[str, Any], dist: Distributed) -> Path:
+    data = cfg["data"]
+    index = Path(data["train"])
+    if not index.exists() and data["generate"] is not None:
+        if index.name != "data.json":
+            raise TrainConfigError("data.generate writes <folder>/data.json: data.train must "
+                                   f"end with data.json, got {str(index)!r}")
+        if dist.rank == 0:
+            from recipes.data import make_color_dataset
+
+            gen = dict(data["generate"])
+            unknown = sorted(set(gen) - {"num", "seed", "square", "clutter"})
+            if unknown:
+                raise TrainConfigError(f"unknown key(s) {[f'data.generate.{k}' for k in unknown]}")
+            make_color_dataset(index.parent, int(gen.pop("num", 64)), **gen)
+        dist.barrier()
+    if not index.is_file():
+        raise FileNotFoundError(f"data.train: dataset index {str(index)!r} does not exist")
+    return index
+
+
+def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> dict[str, Any]:
+    from recipes.build import build_model
+    from recipes.data import LlavaJsonDataset
+    from slime_adapters import AdaptiveSlicer, AlternatingScheduler
+
+    t = cfg["training"]
+    out = Path(t["output_dir"])
+    index = _prepare_data(cfg, dist)
+
+    torch.manual_seed(t["seed"])  # the same initial weights on every rank
+    built = build_model(cfg["model"])
+    torch.manual_seed(t["seed"] + 1 + dist.rank)  # the projector's noise differs across ranks
+    random.seed(t["seed"] + 1 + dist.rank)
+    model, tokenizer = built.model.to(dist.device), built.tokenizer
+    stages, stage = resolve_stage(cfg, list(built.roles))
+    scheduler = AlternatingScheduler(built.roles, stages, model=model)
+    slicer = AdaptiveSlicer(**cfg["data"]["slicer"])
+    dataset = LlavaJsonDataset(index, tokenizer=tokenizer, slicer=slicer,
+                               template=cfg["data"]["template"],
+                               image_root=cfg["data"]["image_root"])
+
+    accum = t["global_batch_size"] // (t["micro_batch_size"] * dist.world)
+    if accum < 1 or accum * t["micro_batch_size"] * dist.world != t["global_batch_size"]:
+        raise TrainConfigError(
+            f"training.global_batch_size={t['global_batch_size']} must be a multiple of "
+            f"micro_batch_size × processes = {t['micro_batch_size']} × {dist.world}")
+    per_epoch = len(dataset) // t["global_batch_size"]
+    if per_epoch < 1:
+        raise TrainConfigError(f"the dataset has {len(dataset)} records, fewer than one global "
+                               f"batch ({t['global_batch_size']})")
+    total = per_epoch * t["epochs"]
+    if t["max_steps"] is not None:
+        total = min(total, t["max_steps"])
+
+    engine = build_engine(cfg, model, scheduler, stage, dist, accum)
+    ckdir = out / "checkpoints"
+    fingerprint = config_fingerprint(cfg)
+    start = 0
+    if args.resume != "never":
+        found = Path(args.resume) if args.resume != "auto" else _latest(ckdir)
+        if found is not None:
+            start = engine.load(found, fingerprint)
+            if dist.rank == 0:
+                print(f"train: resumed from {found} at step {start}", flush=True)
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(
+            {k: v for k, v in cfg.items() if k != "source"}, sort_keys=False))
+
+    from recipes.train_runtime import MicroBatches
+
+    batches = MicroBatches(dataset, tokenizer.pad_token_id, seed=t["seed"],
+                           global_batch=t["global_batch_size"], micro=t["micro_batch_size"],
+                           rank=dist.rank, world=dist.world, per_epoch=per_epoch)
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, sampler=range(start * accum, total * accum),
+        num_workers=cfg["data"]["num_workers"],
+        # its own generator: the loader's seeding must not draw from the global RNG, which a
+        # resumed run restores to where the interrupted one stood
+        generator=torch.Generator().manual_seed(t["seed"]))
+    progress = _progress(total, start, enabled=t["progress"] and dist.rank == 0)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    step, window = start, []
+    for micro_index, batch in enumerate(loader, start=start * accum):
+        boundary = (micro_index + 1) % accum == 0
+        engine.set_lr(lr_factor(step, total, t))
+        result = engine.forward(batch, views=scheduler.views, router_gamma=scheduler.router_gamma,
+                                force_expert=scheduler.force_expert)
+        if not torch.isfinite(result.loss):
+            raise FloatingPointError(f"train: the loss is {result.loss.item()} at step {step} "
+                                     f"(micro-batch {micro_index}); stopping before it spreads")
+        engine.backward(result.loss, boundary=boundary)
+        window.append(result.loss.detach().float())
+        if not boundary:
+            continue
+        engine.step()
+        step += 1
+        loss = dist.mean(torch.stack(window).mean())
+        window = []
+        losses.append(loss)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}")
+        if dist.rank == 0 and (step % t["log_every"] == 0 or step == total):
+            _log(out, {"step": step, "loss": loss, "lr": engine.lr,
+                       "seconds": round(time.perf_counter() - t0, 3)})
+        if t["save_every"] and step % t["save_every"] == 0 and step < total:
+            engine.save(ckdir, step, fingerprint, keep_last=t["keep_last"])
+    progress.close()
+    if start < total or not (out / "final").exists():
+        engine.save_final(out / "final", tokenizer, extra={
+            "template": cfg["data"]["template"], "slicer": cfg["data"]["slicer"],
+            "stage": stage.to_dict(), "preset": cfg["stage"]["preset"]})
+    if total > start:
+        engine.save(ckdir, total, fingerprint, keep_last=t["keep_last"])
+    report = {"stage": stage.name, "views": stage.views, "trainable": list(stage.trainable),
+              "steps": total, "resumed_from": start, "world_size": dist.world,
+              "accumulation": accum, "loss_first": losses[0] if losses else None,
+              "loss_last": losses[-1] if losses else None,
+              "seconds": time.perf_counter() - t0, "engine": engine.name}
+    if dist.rank == 0:
+        atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+        print(f"train: stage {stage.name} ({stage.views}, trains {', '.join(stage.trainable)}): "
+              f"{total - start} steps, loss {report['loss_first']} -> {report['loss_last']}; "
+              f"saved {out / 'final'}", flush=True)
+    return report
+
+
+def _latest(ckdir: Path) -> Path | None:
+    pointer = ckdir / "latest"
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text(encoding="utf-8").strip()
+    path = ckdir / tag
+    if not path.is_dir():
+        raise FileNotFoundError(f"{pointer} names {tag!r}, which is not a folder in {ckdir}")
+    return path
+
+
+def _log(out: Path, row: dict[str, Any]) -> None:
+    with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _progress(total: int, start: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step",
+                dynamic_ncols=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (TrainConfigError, FileNotFoundError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,400 @@
+"""What ``recipes/train.py`` runs on: processes, batches, the learning-rate curve, and two engines.
+
+- :func:`init_distributed` joins the process group the launcher set up (``torchrun`` or
+  ``deepspeed``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), with
+  gloo on CPU and NCCL on CUDA; one process without DeepSpeed needs no process group.
+- :class:`MicroBatches` cuts the data into this rank's micro-batches: epoch ``e`` is a permutation
+  seeded by ``seed + e``, each global batch a slice of it, so the order does not depend on when a
+  run was interrupted.
+- :class:`TorchEngine` (plain PyTorch, DDP with several processes, bf16 autocast) and
+  :class:`DeepSpeedEngine` (ZeRO through :func:`slime_adapters.integrations.deepspeed.engine_for_stage`)
+  share the step / save / load protocol of :class:`_Engine`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recipes.train_config import TrainConfigError
+from slime_adapters.config import atomic_write_text
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+DEEPSPEED_PRESETS = {name: CONFIGS / "deepspeed" / f"{name}.json"
+                     for name in ("zero2", "zero3", "zero3-offload")}
+# keys that change how a run is watched or stored, not what it computes: a resume may change them
+_RUN_ONLY = {"output_dir", "save_every", "keep_last", "log_every", "progress", "num_workers",
+             "device"}
+
+
+@dataclasses.dataclass
+class Distributed:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool
+
+    def barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over all ranks."""
+        if self.world > 1:
+            value = value.detach().to(self.device, torch.float32).clone()
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        return float(value)
+
+    def close(self) -> None:
+        if self.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: dict[str, Any]) -> Distributed:
+    """Join (or, for one DeepSpeed process, create) the process group; pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    t = cfg["training"]
+    if t["device"] is not None:
+        device = torch.device(t["device"])
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    use_ds = t["deepspeed"] is not None
+    owns = False
+    if (world > 1 or use_ds) and not torch.distributed.is_initialized():
+        # DeepSpeed needs a process group even for one process; a lone run gets a loopback one.
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if use_ds:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            torch.distributed.init_process_group(backend=backend)
+        owns = True
+    return Distributed(rank, world, local_rank, device, owns)
+
+
+def lr_factor(step: int, total: int, t: dict[str, Any]) -> float:
+    """The learning-rate multiplier at optimizer step ``step`` (0-based) of ``total``: linear
+    warm-up over ``ceil(warmup_ratio · total)`` steps, then cosine down to ``min_lr_ratio`` (or
+    constant)."""
+    warmup = math.ceil(t["warmup_ratio"] * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if t["lr_schedule"] == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    low = t["min_lr_ratio"]
+    return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def config_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The parts of the configuration a resumed run must share with the interrupted one."""
+    out = {k: cfg[k] for k in ("model", "stage", "data")}
+    out["training"] = {k: v for k, v in cfg["training"].items() if k not in _RUN_ONLY}
+    out["data"] = {k: v for k, v in out["data"].items() if k not in _RUN_ONLY}
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch ``j`` of this rank, collated (``j`` counts micro-batches from the start)."""
+
+    def __init__(self, dataset, pad_id: int, *, seed: int, global_batch: int, micro: int,
+                 rank: int, world: int, per_epoch: int) -> None:
+        self.dataset, self.pad_id, self.seed = dataset, pad_id, seed
+        self.global_batch, self.micro, self.rank, self.world = global_batch, micro, rank, world
+        self.accum = global_batch // (micro * world)
+        self.per_epoch = per_epoch
+        self._perms: dict[int, list[int]] = {}
+
+    def indices(self, j: int) -> list[int]:
+        step, m = divmod(j, self.accum)
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms[epoch] = torch.randperm(len(self.dataset), generator=g).tolist()
+        first = k * self.global_batch + (m * self.world + self.rank) * self.micro
+        return self._perms[epoch][first:first + self.micro]
+
+    def __len__(self) -> int:
+        return self.per_epoch * self.accum
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        from recipes.data import collate_examples
+
+        return collate_examples([self.dataset[i] for i in self.indices(j)], self.pad_id)
+
+
+_MODEL_KEYS = ("images", "input_ids", "attention_mask", "labels", "question_ids", "question_mask")
+
+
+class _Engine:
+    """Shared by both engines: learning rate, forward arguments, the checkpoint protocol."""
+
+    name = "base"
+
+    def __init__(self, model, scheduler, stage, dist: Distributed, accum: int,
+                 t: dict[str, Any]) -> None:
+        self.model, self.scheduler, self.stage = model, scheduler, stage
+        self.dist, self.accum, self.t = dist, accum, t
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        # looked up every time: loading an optimizer state replaces the list
+        return self.optimizer.param_groups
+
+    def _capture_base_lrs(self) -> None:
+        self._base = [g["lr"] for g in self.param_groups]
+
+    @property
+    def lr(self) -> float:
+        return float(self.param_groups[0]["lr"])
+
+    def set_lr(self, factor: float) -> None:
+        for group, base in zip(self.param_groups, self._base):
+            group["lr"] = base * factor
+
+    @staticmethod
+    def _inputs(batch: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        return {**{k: batch[k] for k in _MODEL_KEYS}, **kw}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, ckdir: Path, step: int, fingerprint: dict[str, Any], *, keep_last: int) -> Path:
+        """Write a resumable checkpoint (see recipes/train.py for the protocol); returns it."""
+        d = self.dist
+        tag = f"step-{step:07d}"
+        partial = ckdir / f"{tag}.partial"
+        if d.rank == 0:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted save
+        d.barrier()
+        self._save_state(ckdir, partial.name)
+        partial.mkdir(parents=True, exist_ok=True)
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   partial / f"rng-rank{d.rank}.pt")
+        d.barrier()
+        final = ckdir / tag
+        if d.rank == 0:
+            atomic_write_text(partial / "trainer_state.json", json.dumps(
+                {"step": step, "stage": self.stage.name, "world_size": d.world,
+                 "engine": self.name, "fingerprint": fingerprint}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            atomic_write_text(ckdir / "latest", tag)
+            done = sorted(p for p in ckdir.glob("step-*") if p.is_dir()
+                          and not p.name.endswith(".partial"))
+            for old in done[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        d.barrier()
+        return final
+
+    def load(self, path: Path, fingerprint: dict[str, Any]) -> int:
+        """Restore a checkpoint written by :meth:`save`; returns its optimizer step.
+
+        Raises:
+            FileNotFoundError: ``path`` is not a complete checkpoint.
+            TrainConfigError: it was written under another configuration, process count or engine.
+        """
+        state_file = path / "trainer_state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a complete checkpoint (no "
+                                    f"trainer_state.json)")
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        diff = _differences(state["fingerprint"], fingerprint)
+        if diff:
+            raise TrainConfigError(
+                f"checkpoint {str(path)!r} was written under a different configuration "
+                f"({', '.join(diff[:8])}); pass --resume never or another training.output_dir")
+        for key, mine in (("world_size", self.dist.world), ("engine", self.name)):
+            if state[key] != mine:
+                raise TrainConfigError(f"checkpoint {str(path)!r} was written with {key}="
+                                       f"{state[key]!r}, this run has {mine!r}")
+        self._load_state(path)
+        rng = torch.load(path / f"rng-rank{self.dist.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return int(state["step"])
+
+    def save_final(self, directory: Path, tokenizer, *, extra: dict[str, Any]) -> None:
+        with self._gathered():
+            if self.dist.rank == 0:
+                self.model.save_pretrained(directory, tokenizer=tokenizer, extra=extra)
+        self.dist.barrier()
+
+    def _gathered(self):
+        return contextlib.nullcontext()
+
+
+class TorchEngine(_Engine):
+    """Plain PyTorch: AdamW over the stage's parameter groups, DDP across processes, bf16
+    autocast."""
+
+    name = "torch"
+
+    def __init__(self, model, scheduler, stage, dist, accum, t) -> None:
+        super().__init__(model, scheduler, stage, dist, accum, t)
+        if t["precision"] == "fp16":
+            raise TrainConfigError("training.precision=fp16 needs training.deepspeed (loss "
+                                   "scaling); use bf16 or fp32 without DeepSpeed")
+        groups = scheduler.enter(stage)
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, betas=tuple(t["adam_betas"]))
+        self.wrapped = model
+        if dist.world > 1:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, find_unused_parameters=True)
+        self._capture_base_lrs()
+
+    def forward(self, batch: dict[str, Any], **kw: Any):
+        autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+                    if self.t["precision"] == "bf16" else contextlib.nullcontext())
+        with autocast:
+            return self.wrapped(**self._inputs(batch, **kw))
+
+    def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
+        sync = contextlib.nullcontext()
+        if not boundary and isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel):
+            sync = self.wrapped.no_sync()
+        with sync:
+            (loss / self.accum).backward()
+
+    def step(self) -> None:
+        if self.t["max_grad_norm"]:
+            torch.nn.utils.clip_grad_norm_(self.params, self.t["max_grad_norm"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _save_state(self, ckdir: Path, tag: str) -> None:
+        folder = ckdir / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.dist.rank == 0:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            torch.save({"trainable": {names[id(p)]: p.detach().cpu() for p in self.params},
+                        "optimizer": self.optimizer.state_dict()}, folder / "state.pt")
+
+    def _load_state(self, path: Path) -> None:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        named = dict(self.model.named_parameters())
+        mine = {n for n, p in named.items() if any(p is q for q in self.params)}
+        if set(state["trainable"]) != mine:
+            raise TrainConfigError(f"checkpoint {str(path)!r} holds other trainable parameters "
+                                   f"than this stage trains")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                named[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DeepSpeedEngine(_Engine):
+    """DeepSpeed ZeRO: one engine for the stage (only its parameters are partitioned/trained)."""
+
+    name = "deepspeed"
+
+    def __init__(self, model, scheduler, stage, dist, accum, t) -> None:
+        super().__init__(model, scheduler, stage, dist, accum, t)
+        from slime_adapters.integrations.deepspeed import engine_for_stage
+
+        config = deepspeed_config(t, accum)
+        self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+        optimizer = functools.partial(torch.optim.AdamW, betas=tuple(t["adam_betas"]))
+        self.engine = engine_for_stage(model, scheduler, stage, config, optimizer_cls=optimizer)
+        self._capture_base_lrs()
+
+    @property
+    def optimizer(self):
+        return self.engine.optimizer
+
+    def forward(self, batch: dict[str, Any], **kw: Any):
+        return self.engine(**self._inputs(batch, **kw))
+
+    def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def _save_state(self, ckdir: Path, tag: str) -> None:
+        self.engine.save_checkpoint(str(ckdir), tag=tag, save_latest=False,
+                                    exclude_frozen_parameters=True)
+
+    def _load_state(self, path: Path) -> None:
+        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+
+    def _gathered(self):
+        import deepspeed
+
+        if self.zero_stage < 3:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()),
+                                                 modifier_rank=None)
+
+
+def deepspeed_config(t: dict[str, Any], accum: int) -> dict[str, Any]:
+    """The DeepSpeed JSON (a preset name or a path) with the batch, clipping and precision of
+    ``t`` written in (those keys are owned by the training section)."""
+    source = t["deepspeed"]
+    path = DEEPSPEED_PRESETS.get(source, Path(source))
+    if not path.is_file():
+        raise FileNotFoundError(f"training.deepspeed: {source!r} is neither a preset "
+                                f"{sorted(DEEPSPEED_PRESETS)} nor an existing JSON file")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TrainConfigError(f"training.deepspeed: {str(path)!r} is not valid JSON: {exc}") \
+            from exc
+    config.pop("train_batch_size", None)
+    config["train_micro_batch_size_per_gpu"] = t["micro_batch_size"]
+    config["gradient_accumulation_steps"] = accum
+    config["gradient_clipping"] = float(t["max_grad_norm"])
+    config["bf16"] = {"enabled": t["precision"] == "bf16"}
+    config["fp16"] = {"enabled": t["precision"] == "fp16"}
+    config.setdefault("steps_per_print", 1 << 30)
+    return config
+
+
+def build_engine(cfg: dict[str, Any], model, scheduler, stage, dist: Distributed, accum: int):
+    """The engine the configuration asks for (DeepSpeed when ``training.deepspeed`` is set)."""
+    t = cfg["training"]
+    cls = DeepSpeedEngine if t["deepspeed"] is not None else TorchEngine
+    return cls(model, scheduler, stage, dist, accum, t)

@@ -1,0 +1,173 @@
+"""recipes/train.py on the tiny configuration: stages chained through init_from, exactly the
+stage's parameters trained, bit-exact resume, atomic checkpoints, DDP and DeepSpeed ZeRO-2/3 with
+two processes on gloo, and the errors a user meets first."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("yaml")
+
+import torch  # noqa: E402
+
+from recipes.train import main  # noqa: E402
+from recipes.train_config import TrainConfigError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "configs" / "tiny"
+
+
+def _sets(tmp_path: Path, stage_out: str, **extra: str) -> list[str]:
+    data = tmp_path / "data" / "data.json"
+    sets = {"data.train": str(data), "data.generate": "{num: 16, seed: 0, square: 56, clutter: 2}",
+            "training.output_dir": str(tmp_path / stage_out), "training.global_batch_size": "4",
+            "training.micro_batch_size": "2", "training.progress": "false",
+            "training.save_every": "2", **extra}
+    out = []
+    for k, v in sets.items():
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        for k, v in load_file(f).items():
+            out[f"{f.parent.name}/{k}"] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    report = main(["--config", str(TINY / "stage1.yaml"), *_sets(tmp, "s1")])
+    return tmp, report
+
+
+def test_stage1_trains_the_projector_on_global_views(stage1):
+    tmp, report = stage1
+    assert report["stage"] == "I" and report["views"] == "global" and report["steps"] == 4
+    assert report["accumulation"] == 2 and report["engine"] == "torch"
+    out = tmp / "s1"
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000004"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest", "step-0000002", "step-0000004"]
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp*"))
+    saved = json.loads((out / "final" / "slime.json").read_text())
+    assert saved["extra"]["template"] == "qa" and saved["extra"]["stage"]["name"] == "I"
+
+
+def test_stage2_starts_from_stage1_and_trains_only_the_local_path(stage1):
+    tmp, _ = stage1
+    report = main(["--config", str(TINY / "stage2.yaml"),
+                   *_sets(tmp, "s2", **{"model.init_from": str(tmp / "s1" / "final")})])
+    assert report["stage"] == "II" and report["views"] == "local"
+    before, after = _weights(tmp / "s1" / "final"), _weights(tmp / "s2" / "final")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("adapter/") for k in changed)
+    assert all("compressor" in k or "local_mlp" in k or "separator" in k for k in changed), changed
+    projector = [k for k in before if "projector" in k]
+    assert projector and not changed & set(projector)
+
+
+def test_resume_after_a_crash_is_bit_exact(stage1, tmp_path):
+    tmp, _ = stage1
+    out = tmp_path / "run"
+    shutil.copytree(tmp / "s1", out)
+    reference = _weights(out / "final")
+    # as if the process died after writing step 2: later state gone, a half-written save left
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-0000004")
+    (out / "checkpoints" / "latest").write_text("step-0000002")
+    (out / "checkpoints" / "step-0000004.partial").mkdir()
+    args = ["--config", str(TINY / "stage1.yaml"), *_sets(tmp, "s1")]
+    args += ["--set", f"training.output_dir={out}"]
+    report = main(args)
+    assert report["resumed_from"] == 2 and report["steps"] == 4
+    resumed = _weights(out / "final")
+    assert resumed.keys() == reference.keys()
+    worst = max(float((resumed[k].double() - reference[k].double()).abs().max()) for k in resumed)
+    assert worst == 0.0
+    assert not (out / "checkpoints" / "step-0000004.partial").exists()
+
+
+def test_resume_refuses_another_configuration(stage1, tmp_path):
+    tmp, _ = stage1
+    out = tmp_path / "run"
+    shutil.copytree(tmp / "s1", out)
+    args = ["--config", str(TINY / "stage1.yaml"), *_sets(tmp, "s1"),
+            "--set", f"training.output_dir={out}", "--set", "training.lr=0.5"]
+    with pytest.raises(TrainConfigError, match=r"different configuration \(training.lr\)"):
+        main(args)
+
+
+def test_errors_name_the_problem(stage1, tmp_path):
+    tmp, _ = stage1
+    base = ["--config", str(TINY / "stage1.yaml"), *_sets(tmp, "e")]
+    with pytest.raises(TrainConfigError, match=r"stage.name='IV' is not a stage of preset 'paper'"):
+        main([*base, "--set", "stage.name=IV"])
+    with pytest.raises(TrainConfigError, match="16 records, fewer than one global batch"):
+        main([*base, "--set", "training.global_batch_size=32"])
+    with pytest.raises(TrainConfigError, match="fp16 needs training.deepspeed"):
+        main([*base, "--set", "training.precision=fp16"])
+    with pytest.raises(TrainConfigError, match=r"stage.trainable names unknown role\(s\) \['x'\]"):
+        main([*base, "--set", "stage.trainable=[x]"])
+    with pytest.raises(FileNotFoundError, match="nope.json' does not exist"):
+        main([*base, "--set", f"data.train={tmp_path / 'nope.json'}", "--set", "data.generate="])
+    with pytest.raises(SystemExit, match="unknown key"):
+        main([*base, "--set", "training.bogus=1"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path: Path, args: list[str]) -> None:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), str(ROOT / "tests" / "_train_worker.py"), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+def test_two_processes_on_gloo(engine, stage1, tmp_path):
+    """Two CPU processes: the stage trains its parameters only and matches across ranks; ZeRO-3
+    gathers the partitioned weights for the final save."""
+    pytest.importorskip("deepspeed")
+    tmp, _ = stage1
+    extra = {"model.init_from": str(tmp / "s1" / "final"), "training.max_steps": "2",
+             "training.global_batch_size": "4", "training.micro_batch_size": "1"}
+    if engine != "ddp":
+        extra["training.deepspeed"] = engine
+    args = ["--config", str(TINY / "stage2.yaml"), *_sets(tmp, "unused", **extra),
+            "--set", f"training.output_dir={tmp_path / 'out'}"]
+    _launch(tmp_path, args)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["accumulation"] == 2
+    assert report["engine"] == ("torch" if engine == "ddp" else "deepspeed")
+    before, after = _weights(tmp / "s1" / "final"), _weights(tmp_path / "out" / "final")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("compressor" in k or "local_mlp" in k or "separator" in k
+                           for k in changed), changed
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "step-0000002"
