@@ -159,12 +159,17 @@ class SliMEForCausalLM(nn.Module):
     def generate(self, *, images: SlicedBatch, input_ids: Tensor, attention_mask: Tensor,
                  question_ids: Tensor | None = None, question_mask: Tensor | None = None,
                  views: str | None = None, router_gamma: float | None = None,
-                 max_new_tokens: int = 8, **kwargs) -> Tensor:
+                 max_new_tokens: int = 8, visual: VisualTokens | None = None, **kwargs) -> Tensor:
         """Greedy (or ``kwargs``-configured) generation from prompts that end where the answer
-        starts (right-padded, as collated); returns only the new token ids."""
+        starts (right-padded, as collated); returns only the new token ids, ``(b, n_new)``.
+
+        ``visual``: the batch's visual tokens when the caller computed them already (from
+        :meth:`visual_tokens` with the same images and question), so the encoder runs once."""
         dev = next(self.adapter.parameters()).device
-        visual = self.visual_tokens(images, question_ids=question_ids, question_mask=question_mask,
-                                    views=views, router_gamma=router_gamma)
+        if visual is None:
+            visual = self.visual_tokens(images, question_ids=question_ids,
+                                        question_mask=question_mask, views=views,
+                                        router_gamma=router_gamma)
         input_ids = input_ids.to(dev)
         embeds = self.llm.get_input_embeddings()(input_ids)
         spliced = splice_into_embeddings(embeds, input_ids, self.image_token_id, visual,
