@@ -193,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model, tokenizer, extra = load_chat_model(args.model, device=args.device)
         template = get_template(args.template or extra.get("template") or "plain")
+        template.encode(tokenizer, _conversation(args.question), for_generation=True)
         sliced = slicer_for(model, extra.get("slicer"))(args.image)
     except (FileNotFoundError, ValueError) as exc:  # SlicingError and TemplateError included
         return fail(str(exc))

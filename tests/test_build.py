@@ -286,6 +286,12 @@ def test_missing_folders_and_foreign_models(tmp_path, built):
         build_model(tiny(llm={"path": str(tmp_path / "llm"), "gguf_file": "x.gguf"}))
     with pytest.raises(ValueError, match="model.vision.path: .* holds a 'llama' model"):
         build_model(tiny(vision={"path": str(tmp_path / "llm")}))
+    state = {k: v for k, v in built.model.llm.state_dict().items() if "layers.1." not in k}
+    built.model.llm.save_pretrained(tmp_path / "partial", state_dict=state)
+    built.tokenizer.save_pretrained(tmp_path / "partial")
+    with pytest.raises(ValueError, match="model.llm.path: .*partial' lacks weights for "
+                                         "\\['model.layers.1."):
+        build_model(tiny(llm={"path": str(tmp_path / "partial")}, tokenizer=None))
 
 
 # ---------------------------------------------------------------------------------- save / load

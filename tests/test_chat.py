@@ -144,9 +144,11 @@ def test_command_errors_exit_2_with_one_line(saved, tmp_path, capsys):
         (["--model", model, "--image", str(junk)], "junk.png"),
         (["--model", model, "--image", image, "--template", "nope"], "unknown chat template"),
         (["--model", str(tmp_path / "empty"), "--image", image], "slime.json' does not exist"),
+        (["--model", model, "--image", image, "--question", "<image> twice <image>"],
+         "turn 0 must hold '<image>' exactly once, found 2"),
     ]
     for args, message in cases:
-        assert main([*args, "--question", QUESTION]) == 2, args
+        assert main(["--question", QUESTION, *args]) == 2, args
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1 and err.startswith("chat: error: "), err
         assert re.search(message, err), (message, err)
