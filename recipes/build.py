@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recipes.model import SliMEForCausalLM, quiet_transformers, read_slime_json
+from recipes.model import SliMEForCausalLM
 from recipes.model_config import (
     DTYPES,
     LLM_TYPES,
@@ -62,6 +62,7 @@ from recipes.model_config import (
     existing_folder,
     parse_model_config,
 )
+from recipes.model_folder import quiet_transformers, read_slime_json
 from slime_adapters.adapter import SliMEVisualAdapter, SliMEVisualAdapterConfig
 from slime_adapters.schedule import RoleSpec, projector_roles
 

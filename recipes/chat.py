@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from recipes.model import SliMEForCausalLM, read_slime_json
+from recipes.model import SliMEForCausalLM
+from recipes.model_folder import read_slime_json
 from recipes.templates import IMAGE_TOKEN, ChatTemplate, get_template
 from slime_adapters.slicing import AdaptiveSlicer, SlicedImage, collate
 

@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from recipes.build import build_model  # noqa: E402
 from recipes.data import LlavaJsonDataset, collate_examples, make_color_dataset  # noqa: E402
-from recipes.model import SliMEForCausalLM, read_slime_json  # noqa: E402
+from recipes.model import SliMEForCausalLM  # noqa: E402
+from recipes.model_folder import read_slime_json, replace_folder  # noqa: E402
 from slime_adapters import AdaptiveSlicer, AlternatingScheduler, paper_stages  # noqa: E402
 
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -357,6 +358,29 @@ def test_save_is_atomic(tmp_path, built):
     built.model.save_pretrained(target, extra={"round": 3})
     assert read_slime_json(target)["extra"] == {"round": 3}
     assert not (target / "tokenizer").exists() and sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_replace_folder_restores_the_old_one_when_the_rename_fails(tmp_path, monkeypatch):
+    target, new = tmp_path / "m", tmp_path / ".m.tmp-x"
+    target.mkdir()
+    (target / "a").write_text("old")
+    new.mkdir()
+    (new / "b").write_text("new")
+    real = os.replace
+
+    def failing(src, dst):
+        if str(src) == str(new):
+            raise OSError("rename refused")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="rename refused"):
+        replace_folder(new, target)
+    monkeypatch.undo()
+    assert (target / "a").read_text() == "old" and not (target / "b").exists()
+    assert sorted(os.listdir(tmp_path)) == [".m.tmp-x", "m"]  # the caller removes its temp
+    replace_folder(new, target)
+    assert (target / "b").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["m"]
 
 
 def test_save_and_load_errors(tmp_path, built):
