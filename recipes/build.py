@@ -1,6 +1,7 @@
 """Build the full SliME model from a plain dict: what a training YAML's ``model:`` section holds.
 
-Schema (every key is checked; an unknown key or a wrong type raises ``ValueError`` naming the dotted
+Schema (every key is checked, by :func:`recipes.model_config.parse_model_config` and then against
+the loaded encoder and LLM; an unknown key or a wrong type raises ``ValueError`` naming the dotted
 key, e.g. ``model.vision.typo``; a missing folder raises ``FileNotFoundError`` naming it)::
 
     vision:                  exactly one of path / type
@@ -30,7 +31,8 @@ key, e.g. ``model.vision.typo``; a missing folder raises ``FileNotFoundError`` n
                              model saved without it)
     dtype: float32           float32 | bfloat16 | float16
 
-The LLM's embeddings are resized when tokens were added. Roles for
+The LLM's embeddings are resized when tokens were added; a tokenizer without a pad token gets its
+unk (else eos) token as pad. Roles for
 :class:`slime_adapters.AlternatingScheduler`: the projector's ``mlp_expert``, ``query_expert`` and
 ``gate``; ``compressor`` (the adapter's local path: compressor, separator, own local MLP); ``llm``
 (without LoRA: the whole LLM; with LoRA: every LLM parameter but the LoRA ones); ``llm_lora`` (the
