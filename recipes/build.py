@@ -1,6 +1,7 @@
 """Build the full SliME model from a plain dict: what a training YAML's ``model:`` section holds.
 
-Schema (every key is checked; an unknown key or a wrong type raises ``ValueError`` naming the dotted
+Schema (every key is checked, by :func:`recipes.model_config.parse_model_config` and then against
+the loaded encoder and LLM; an unknown key or a wrong type raises ``ValueError`` naming the dotted
 key, e.g. ``model.vision.typo``; a missing folder raises ``FileNotFoundError`` naming it)::
 
     vision:                  exactly one of path / type
@@ -30,7 +31,8 @@ key, e.g. ``model.vision.typo``; a missing folder raises ``FileNotFoundError`` n
                              model saved without it)
     dtype: float32           float32 | bfloat16 | float16
 
-The LLM's embeddings are resized when tokens were added. Roles for
+The LLM's embeddings are resized when tokens were added; a tokenizer without a pad token gets its
+unk (else eos) token as pad. Roles for
 :class:`slime_adapters.AlternatingScheduler`: the projector's ``mlp_expert``, ``query_expert`` and
 ``gate``; ``compressor`` (the adapter's local path: compressor, separator, own local MLP); ``llm``
 (without LoRA: the whole LLM; with LoRA: every LLM parameter but the LoRA ones); ``llm_lora`` (the
@@ -52,7 +54,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recipes.model import SliMEForCausalLM, quiet_transformers, read_slime_json
+from recipes.model import SliMEForCausalLM
 from recipes.model_config import (
     DTYPES,
     LLM_TYPES,
@@ -62,6 +64,7 @@ from recipes.model_config import (
     existing_folder,
     parse_model_config,
 )
+from recipes.model_folder import quiet_transformers, read_slime_json
 from slime_adapters.adapter import SliMEVisualAdapter, SliMEVisualAdapterConfig
 from slime_adapters.schedule import RoleSpec, projector_roles
 
@@ -99,9 +102,13 @@ def _load_vision(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"{where}: {str(path)!r} holds a {model_type!r} model; expected one of "
                          f"{sorted(VISION_MODEL_TYPES)} (a full CLIP/SigLIP folder gives its "
                          "vision tower)")
-    klass = getattr(transformers, VISION_TYPES[kind][1])
+    return _from_pretrained(getattr(transformers, VISION_TYPES[kind][1]), path, where, dtype=dtype)
+
+
+def _from_pretrained(klass, path, where: str, **kwargs) -> nn.Module:
+    # the load report is silenced: missing weights are an error here, not a warning
     with quiet_transformers():
-        model, info = klass.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        model, info = klass.from_pretrained(path, output_loading_info=True, **kwargs)
     if info.get("missing_keys"):
         raise ValueError(f"{where}: {str(path)!r} lacks weights for "
                          f"{sorted(info['missing_keys'])}")
@@ -186,8 +193,8 @@ def _load_llm(spec: dict[str, Any], tokenizer, dtype: torch.dtype) -> nn.Module:
         where = f"{TOP}.llm.path"
         path = existing_folder(llm["path"], where)
         gguf = _gguf(path, llm["gguf_file"], f"{TOP}.llm.gguf_file")
-        with quiet_transformers():
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **gguf)
+        model = _from_pretrained(transformers.AutoModelForCausalLM, path, where, dtype=dtype,
+                                 **gguf)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return model
@@ -256,6 +263,8 @@ def _checkpoint_activations(part: nn.Module) -> None:
 
 
 def _finish(model: SliMEForCausalLM, spec: dict[str, Any], add_lora: bool) -> SliMEForCausalLM:
+    # cast before wrapping: peft keeps new LoRA weights in float32 under a half-precision base
+    model.to(DTYPES[spec["dtype"]])
     if add_lora:
         from peft import LoraConfig, get_peft_model
 
@@ -266,7 +275,6 @@ def _finish(model: SliMEForCausalLM, spec: dict[str, Any], add_lora: bool) -> Sl
             model.llm = get_peft_model(model.llm, conf)
         except ValueError as exc:
             raise ValueError(f"{TOP}.lora.target_modules: {exc}") from exc
-    model.to(DTYPES[spec["dtype"]])
     if spec["gradient_checkpointing"]:
         for part in (_base(model.llm), model.vision):
             if getattr(part, "supports_gradient_checkpointing", False):

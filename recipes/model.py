@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,16 +36,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from recipes.model_folder import (
+    FORMAT,
+    FORMAT_VERSION,
+    SLIME_JSON,
+    fresh_sibling,
+    quiet_transformers,
+    read_slime_json,
+    replace_folder,
+)
 from slime_adapters import __version__
 from slime_adapters.adapter import SliMEVisualAdapter, VisualTokens
 from slime_adapters.checkpoint import load_module, save_module
 from slime_adapters.config import atomic_write_text
 from slime_adapters.slicing import SlicedBatch
 from slime_adapters.splice import SplicedInputs, splice_into_embeddings
-
-FORMAT = "slime-adapters/full-model"
-FORMAT_VERSION = 1
-SLIME_JSON = "slime.json"
 
 
 @dataclass
@@ -159,12 +162,17 @@ class SliMEForCausalLM(nn.Module):
     def generate(self, *, images: SlicedBatch, input_ids: Tensor, attention_mask: Tensor,
                  question_ids: Tensor | None = None, question_mask: Tensor | None = None,
                  views: str | None = None, router_gamma: float | None = None,
-                 max_new_tokens: int = 8, **kwargs) -> Tensor:
+                 max_new_tokens: int = 8, visual: VisualTokens | None = None, **kwargs) -> Tensor:
         """Greedy (or ``kwargs``-configured) generation from prompts that end where the answer
-        starts (right-padded, as collated); returns only the new token ids."""
+        starts (right-padded, as collated); returns only the new token ids, ``(b, n_new)``.
+
+        ``visual``: the batch's visual tokens when the caller computed them already (from
+        :meth:`visual_tokens` with the same images and question), so the encoder runs once."""
         dev = next(self.adapter.parameters()).device
-        visual = self.visual_tokens(images, question_ids=question_ids, question_mask=question_mask,
-                                    views=views, router_gamma=router_gamma)
+        if visual is None:
+            visual = self.visual_tokens(images, question_ids=question_ids,
+                                        question_mask=question_mask, views=views,
+                                        router_gamma=router_gamma)
         input_ids = input_ids.to(dev)
         embeds = self.llm.get_input_embeddings()(input_ids)
         spliced = splice_into_embeddings(embeds, input_ids, self.image_token_id, visual,
@@ -221,7 +229,7 @@ class SliMEForCausalLM(nn.Module):
             "config": self.build_config, "extra": extra,
         }
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _fresh_sibling(directory, "tmp")
+        tmp = fresh_sibling(directory, "tmp")
         try:
             with quiet_transformers():
                 self.vision.save_pretrained(tmp / "vision")
@@ -235,7 +243,7 @@ class SliMEForCausalLM(nn.Module):
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "tokenizer")
             atomic_write_text(tmp / SLIME_JSON, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            _replace_dir(tmp, directory)
+            replace_folder(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
         return directory
@@ -294,71 +302,6 @@ class SliMEForCausalLM(nn.Module):
         return model.eval(), tokenizer
 
 
-# slime.json keys -> accepted types (bool is checked apart from int)
-_META_TYPES: dict[str, tuple[type, ...]] = {
-    "format": (str,), "format_version": (int,), "image_token_id": (int,),
-    "separator_token_id": (int, type(None)), "feature_layer": (int,), "drop_cls": (bool,),
-    "vision_class": (str,), "llm_class": (str,), "lora": (bool,), "tokenizer": (bool,),
-    "config": (dict, type(None)), "extra": (dict,),
-}
-
-
-def read_slime_json(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check the ``slime.json`` of a folder written by
-    :meth:`SliMEForCausalLM.save_pretrained`.
-
-    Returns:
-        Its content as a dict (``config``: the build config or ``None``; ``extra``: a dict).
-
-    Raises:
-        FileNotFoundError: the folder or its ``slime.json`` does not exist.
-        ValueError: invalid JSON, another format, a newer format version, or a missing or
-            mistyped key (named).
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model folder {str(directory)!r} does not exist")
-    path = directory / SLIME_JSON
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist: {str(directory)!r} is not a folder "
-                                "written by SliMEForCausalLM.save_pretrained")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{str(path)!r}: format is {got!r}, expected {FORMAT!r}")
-    for key, types in _META_TYPES.items():
-        if key not in meta:
-            raise ValueError(f"{str(path)!r}: missing key {key!r}")
-        value = meta[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise ValueError(f"{str(path)!r}: {key} must be {names}, got {value!r}")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r}: format_version {meta['format_version']} is newer than "
-                         f"this version reads ({FORMAT_VERSION}); upgrade slime-adapters")
-    return meta
-
-
-@contextmanager
-def quiet_transformers():
-    """Silence transformers' load reports and progress bars inside the block (restored after):
-    the loaders below check completeness themselves."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _load_hf(klass, folder: Path):
     model, info = klass.from_pretrained(folder, output_loading_info=True)
     if info.get("missing_keys"):
@@ -384,33 +327,3 @@ def _without_lora(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             continue
         out[".".join(p for p in parts if p != "base_layer")] = value
     return out
-
-
-def _fresh_sibling(target: Path, tag: str) -> Path:
-    """A new empty hidden folder beside ``target`` (made with ``mkdir``, so the umask applies:
-    ``tempfile.mkdtemp`` would leave the saved model readable by its owner only)."""
-    while True:
-        path = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename the complete folder ``new`` to ``target``; an existing ``target`` is moved aside
-    first (a directory cannot be renamed over a non-empty one) and restored if that fails."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = _fresh_sibling(target, "old")
-    os.replace(target, old / "previous")
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / "previous", target)
-        raise
-    finally:
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)

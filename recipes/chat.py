@@ -1,0 +1,215 @@
+"""Answer a question about an image with a saved SliME model.
+
+::
+
+    python -m recipes.chat --model DIR --image PATH --question "what color is the square ?"
+        [--max-new-tokens N] [--template NAME] [--router-gamma G] [--device cpu] [--verbose]
+
+prints the answer on stdout (``--verbose`` adds, on stderr, the visual-token count and the share of
+local tokens the router kept). ``DIR`` is a folder written by
+:meth:`recipes.model.SliMEForCausalLM.save_pretrained` (a training run's ``final/``). The chat
+template is ``--template``, else the one saved with the model (``extra.template``), else ``plain``;
+the slicer is built from the saved ``extra.slicer`` keywords, its tile size defaulting to the
+encoder's image size. A missing model folder, a missing or unreadable image or an unknown template
+prints one line on stderr and exits with status 2.
+
+For programmatic use: :func:`answer` returns the answer as a string, :func:`respond` returns it
+with the token ids and the visual-token counts.
+
+Shapes: one image and one question at a time; ``(1, t)`` prompt ids, ``(1, n_new)`` new ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recipes.model import SliMEForCausalLM
+from recipes.model_folder import read_slime_json
+from recipes.templates import IMAGE_TOKEN, ChatTemplate, get_template
+from slime_adapters.slicing import AdaptiveSlicer, SlicedImage, collate
+
+__all__ = ["ChatAnswer", "answer", "load_chat_model", "main", "respond", "slicer_for"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatAnswer:
+    """One answer and how it was produced."""
+
+    text: str  # the answer, decoded without special tokens, stripped
+    token_ids: list[int]  # the generated ids up to (without) the first stop token
+    generated_ids: list[int]  # every generated id, the stop token included
+    visual_tokens: int  # visual tokens the LLM saw (global + separator + kept local)
+    local_offered: int | None  # local tokens offered to the router (None: global view only)
+    local_kept: int | None  # local tokens the router kept
+
+    @property
+    def router_keep_rate(self) -> float | None:
+        """``local_kept / local_offered`` (``None`` without local tokens)."""
+        if not self.local_offered:
+            return None
+        return self.local_kept / self.local_offered
+
+
+def slicer_for(model: SliMEForCausalLM, saved: Mapping[str, Any] | None = None) -> AdaptiveSlicer:
+    """The slicer of a saved model: ``AdaptiveSlicer(**saved)``, the tile size defaulting to the
+    vision encoder's image size.
+
+    Raises:
+        ValueError: ``saved`` is not a mapping, or holds keywords the slicer refuses.
+    """
+    if saved is not None and not isinstance(saved, Mapping):
+        raise ValueError(f"the saved slicer must be a dict of AdaptiveSlicer keywords, got "
+                         f"{type(saved).__name__}")
+    kwargs = dict(saved or {})
+    size = getattr(getattr(model.vision, "config", None), "image_size", None)
+    if size is not None:
+        kwargs.setdefault("tile_size", int(size))
+    try:
+        return AdaptiveSlicer(**kwargs)
+    except TypeError as exc:  # an unknown keyword
+        raise ValueError(f"the saved slicer keywords {sorted(kwargs)} do not fit AdaptiveSlicer: "
+                         f"{exc}") from exc
+
+
+def _conversation(question: str) -> list[dict[str, str]]:
+    value = question if IMAGE_TOKEN in question else f"{IMAGE_TOKEN}\n{question}"
+    return [{"from": "human", "value": value}]
+
+
+@torch.no_grad()
+def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
+            template: str | ChatTemplate = "plain", slicer: AdaptiveSlicer | None = None,
+            max_new_tokens: int = 32, router_gamma: float | None = None) -> ChatAnswer:
+    """Answer ``question`` about ``image`` with greedy decoding.
+
+    Args:
+        model: a SliME model (put in eval mode here).
+        tokenizer: its tokenizer.
+        image: anything :class:`~slime_adapters.AdaptiveSlicer` takes (a path, PIL image, bytes,
+            uint8 tensor) or an already sliced :class:`~slime_adapters.SlicedImage`.
+        question: the question; ``<image>`` is put before it unless it holds the placeholder.
+        template: a template name (:func:`recipes.templates.get_template`) or template.
+        slicer: default :func:`slicer_for` ``(model)``.
+        max_new_tokens: at most this many tokens are generated.
+        router_gamma: overrides the router's γ.
+
+    Returns:
+        :class:`ChatAnswer`.
+
+    Raises:
+        ValueError: ``max_new_tokens`` < 1, an image the slicer refuses
+            (:class:`~slime_adapters.SlicingError`), or a prompt the template refuses
+            (:class:`recipes.templates.TemplateError`, an unknown template name included).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    template = get_template(template) if isinstance(template, str) else template
+    enc = template.encode(tokenizer, _conversation(question), for_generation=True)
+    sliced = image if isinstance(image, SlicedImage) else (slicer or slicer_for(model))(image)
+    model.eval()
+    images = collate([sliced])
+    ids = torch.tensor([enc.input_ids])
+    # a question with no text (the template took it all) routes as "no text": keep everything
+    q = enc.question_ids or [tokenizer.pad_token_id or 0]
+    question_ids = torch.tensor([q])
+    question_mask = torch.tensor([[bool(enc.question_ids)] * len(q)])
+    visual = model.visual_tokens(images, question_ids=question_ids, question_mask=question_mask,
+                                 router_gamma=router_gamma)
+    stops = template.stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    new = model.generate(images=images, input_ids=ids, attention_mask=torch.ones_like(ids),
+                         question_ids=question_ids, question_mask=question_mask,
+                         router_gamma=router_gamma, max_new_tokens=max_new_tokens, visual=visual,
+                         eos_token_id=stops, pad_token_id=pad)
+    generated = new[0].tolist()
+    cut = next((i for i, t in enumerate(generated) if t in stops), len(generated))
+    kept = generated[:cut]
+    aux = visual.aux
+    return ChatAnswer(
+        text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
+        token_ids=kept, generated_ids=generated, visual_tokens=int(visual.lengths[0]),
+        local_offered=None if aux.num_local is None else int(aux.num_local[0]),
+        local_kept=None if aux.num_kept is None else int(aux.num_kept[0]))
+
+
+def answer(model: SliMEForCausalLM, tokenizer, image: Any, question: str, **kwargs) -> str:
+    """:func:`respond`'s answer text (same arguments and errors)."""
+    return respond(model, tokenizer, image, question, **kwargs).text
+
+
+def load_chat_model(directory: str | Path, *, device: str | torch.device = "cpu"):
+    """Load a saved model for chatting.
+
+    Returns:
+        ``(model, tokenizer, extra)``: the model in eval mode on ``device``, its tokenizer and the
+        ``extra`` dict saved with it.
+
+    Raises:
+        FileNotFoundError: the folder or a part of it is missing.
+        ValueError: an invalid ``slime.json``, or a model saved without its tokenizer.
+    """
+    meta = read_slime_json(directory)
+    model, tokenizer = SliMEForCausalLM.from_pretrained(directory)
+    if tokenizer is None:
+        raise ValueError(f"{str(directory)!r} was saved without a tokenizer; chat needs one")
+    return model.to(device).eval(), tokenizer, meta["extra"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recipes.chat",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a folder written by save_pretrained")
+    parser.add_argument("--image", required=True, help="the image file")
+    parser.add_argument("--question", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--template", default=None,
+                        help="chat template (default: the one saved with the model, else plain)")
+    parser.add_argument("--router-gamma", type=float, default=None,
+                        help="the router's γ in (0, 1] (default: the model's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print the visual-token count and the router's keep rate")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.router_gamma is not None and not 0 < args.router_gamma <= 1:
+        parser.error(f"--router-gamma must be in (0, 1], got {args.router_gamma}")
+
+    def fail(message: str) -> int:
+        print(f"chat: error: {message}", file=sys.stderr)
+        return 2
+
+    if not Path(args.model).is_dir():
+        return fail(f"model folder {args.model!r} does not exist")
+    if not Path(args.image).is_file():
+        return fail(f"image {args.image!r} does not exist")
+    try:
+        model, tokenizer, extra = load_chat_model(args.model, device=args.device)
+        template = get_template(args.template or extra.get("template") or "plain")
+        template.encode(tokenizer, _conversation(args.question), for_generation=True)
+        sliced = slicer_for(model, extra.get("slicer"))(args.image)
+    except (FileNotFoundError, ValueError) as exc:  # SlicingError and TemplateError included
+        return fail(str(exc))
+    result = respond(model, tokenizer, sliced, args.question, template=template,
+                     max_new_tokens=args.max_new_tokens, router_gamma=args.router_gamma)
+    print(result.text)
+    if args.verbose:
+        rate = result.router_keep_rate
+        local = ("global view only" if result.local_offered is None else
+                 f"router kept {result.local_kept} of {result.local_offered} local tokens "
+                 f"({100 * rate:.1f}%)" if rate is not None else "no local tokens")
+        print(f"visual tokens: {result.visual_tokens}; {local}; template {template.name}",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
