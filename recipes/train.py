@@ -36,16 +36,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+if __name__ == "__main__" and not __package__:
+    # run as a file (the deepspeed launcher's ``deepspeed recipes/train.py``): make the
+    # repository root importable, as ``python -m recipes.train`` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.train_config import TrainConfigError, load_config
 from recipes.train_runtime import (
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         cfg = load_config(args.config, args.set)
     except (TrainConfigError, FileNotFoundError) as exc:
-        raise SystemExit(f"train: {exc}") from None
+        print(f"train: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     dist = init_distributed(cfg)
     try:
         return _train(cfg, args, dist)

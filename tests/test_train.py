@@ -116,7 +116,7 @@ def test_resume_refuses_another_configuration(stage1, tmp_path):
         main(args)
 
 
-def test_errors_name_the_problem(stage1, tmp_path):
+def test_errors_name_the_problem(stage1, tmp_path, capsys):
     tmp, _ = stage1
     base = ["--config", str(TINY / "stage1.yaml"), *_sets(tmp, "e")]
     with pytest.raises(TrainConfigError, match=r"stage.name='IV' is not a stage of preset 'paper'"):
@@ -129,8 +129,10 @@ def test_errors_name_the_problem(stage1, tmp_path):
         main([*base, "--set", "stage.trainable=[x]"])
     with pytest.raises(FileNotFoundError, match="nope.json' does not exist"):
         main([*base, "--set", f"data.train={tmp_path / 'nope.json'}", "--set", "data.generate="])
-    with pytest.raises(SystemExit, match="unknown key"):
+    with pytest.raises(SystemExit) as exit_info:
         main([*base, "--set", "training.bogus=1"])
+    assert exit_info.value.code == 2
+    assert "unknown key(s) ['training.bogus']" in capsys.readouterr().err
 
 
 def _free_port() -> int:
@@ -199,3 +201,12 @@ def _checkpoint_weights(folder: Path, engine: str) -> dict[str, torch.Tensor]:
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     return {k.removeprefix("adapter."): v for k, v in state.items()
             if k.startswith("adapter.compressor.")}
+
+
+def test_runs_as_a_file_from_anywhere(tmp_path):
+    """The deepspeed launcher runs ``python recipes/train.py``: the repository must import."""
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), "--config",
+                           str(tmp_path / "missing.yaml")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "missing.yaml' does not exist" in proc.stderr and "Traceback" not in proc.stderr
