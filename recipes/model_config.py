@@ -123,6 +123,18 @@ def existing_folder(path: Any, where: str) -> str:
     return path
 
 
+def _random_init(section: Mapping[str, Any], types: Mapping[str, tuple], w: str) -> dict[str, Any]:
+    """``{type, config}`` of a model built at random: a known type and its HF config's fields."""
+    kind = _typed(section["type"], (str,), f"{w}.type")
+    if kind not in types:
+        raise ValueError(f"{w}.type must be one of {sorted(types)}, got {kind!r}")
+    import transformers
+
+    conf = _hf_fields(getattr(transformers, types[kind][0]), section.get("config", {}),
+                      f"{w}.config")
+    return {"type": kind, "config": conf}
+
+
 def parse_model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Check a ``model:`` dict (the schema of :mod:`recipes.build`) and fill in the defaults that
     need no model.
@@ -148,14 +160,7 @@ def parse_model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{w}.config: only with {w}.type (a path brings its own config)")
         out["vision"] = {"path": _typed(vision["path"], (str,), f"{w}.path")}
     else:
-        kind = _typed(vision["type"], (str,), f"{w}.type")
-        if kind not in VISION_TYPES:
-            raise ValueError(f"{w}.type must be one of {sorted(VISION_TYPES)}, got {kind!r}")
-        import transformers
-
-        conf = _hf_fields(getattr(transformers, VISION_TYPES[kind][0]), vision.get("config", {}),
-                          f"{w}.config")
-        out["vision"] = {"type": kind, "config": conf}
+        out["vision"] = _random_init(vision, VISION_TYPES, w)
     out["feature_layer"] = _typed(cfg.get("feature_layer", -2), (int,), f"{TOP}.feature_layer")
     out["drop_cls"] = _typed(cfg.get("drop_cls"), (bool, type(None)), f"{TOP}.drop_cls")
 
@@ -170,14 +175,7 @@ def parse_model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     else:
         if llm.get("gguf_file") is not None:
             raise ValueError(f"{w}.gguf_file: only with {w}.path")
-        kind = _typed(llm["type"], (str,), f"{w}.type")
-        if kind not in LLM_TYPES:
-            raise ValueError(f"{w}.type must be one of {sorted(LLM_TYPES)}, got {kind!r}")
-        import transformers
-
-        conf = _hf_fields(getattr(transformers, LLM_TYPES[kind][0]), llm.get("config", {}),
-                          f"{w}.config")
-        out["llm"] = {"type": kind, "config": conf}
+        out["llm"] = _random_init(llm, LLM_TYPES, w)
 
     w = f"{TOP}.tokenizer"
     if cfg.get("tokenizer") is None:
