@@ -210,3 +210,21 @@ def test_runs_as_a_file_from_anywhere(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "missing.yaml' does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_stage3_with_lora_trains_the_adapters_and_lora_not_the_base_llm(stage1, tmp_path):
+    """Paper preset, stage III with ``model.lora``: ``llm_lora`` replaces ``llm``."""
+    tmp, _ = stage1
+    out = tmp_path / "s3"
+    report = main(["--config", str(TINY / "stage3.yaml"), *_sets(
+        tmp, "unused", **{"model.init_from": str(tmp / "s1" / "final"),
+                          "model.lora": "{r: 4, alpha: 8, dropout: 0.0}",
+                          "training.max_steps": "2"}),
+        "--set", f"training.output_dir={out}"])
+    assert "llm_lora" in report["trainable"] and "llm" not in report["trainable"]
+    before, after = _weights(tmp / "s1" / "final"), _weights(out / "final")
+    base = [k for k in before if k.startswith("llm/")]
+    assert base and all(torch.equal(before[k], after[k]) for k in base)
+    lora = [k for k in after if k.startswith("llm_lora/")]
+    assert lora and any("lora_B" in k and after[k].abs().max() > 0 for k in lora)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "compressor" in k)
