@@ -86,7 +86,8 @@ def _conversation(question: str) -> list[dict[str, str]]:
 @torch.no_grad()
 def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
             template: str | ChatTemplate = "plain", slicer: AdaptiveSlicer | None = None,
-            max_new_tokens: int = 32, router_gamma: float | None = None) -> ChatAnswer:
+            max_new_tokens: int = 32, router_gamma: float | None = None,
+            views: str | None = None, force_expert: int | None = None) -> ChatAnswer:
     """Answer ``question`` about ``image`` with greedy decoding.
 
     Args:
@@ -99,6 +100,8 @@ def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
         slicer: default :func:`slicer_for` ``(model)``.
         max_new_tokens: at most this many tokens are generated.
         router_gamma: overrides the router's γ.
+        views, force_expert: override the adapter's (a model saved after stage I was trained on
+            global views only; :func:`stage_settings` gives what the saved stage used).
 
     Returns:
         :class:`ChatAnswer`.
@@ -122,12 +125,13 @@ def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
     question_ids = torch.tensor([q])
     question_mask = torch.tensor([[bool(enc.question_ids)] * len(q)])
     visual = model.visual_tokens(images, question_ids=question_ids, question_mask=question_mask,
-                                 router_gamma=router_gamma)
+                                 router_gamma=router_gamma, views=views, force_expert=force_expert)
     stops = template.stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     new = model.generate(images=images, input_ids=ids, attention_mask=torch.ones_like(ids),
                          question_ids=question_ids, question_mask=question_mask,
-                         router_gamma=router_gamma, max_new_tokens=max_new_tokens, visual=visual,
+                         router_gamma=router_gamma, views=views, max_new_tokens=max_new_tokens,
+                         visual=visual,
                          eos_token_id=stops, pad_token_id=pad)
     generated = new[0].tolist()
     cut = next((i for i, t in enumerate(generated) if t in stops), len(generated))
@@ -143,6 +147,14 @@ def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
 def answer(model: SliMEForCausalLM, tokenizer, image: Any, question: str, **kwargs) -> str:
     """:func:`respond`'s answer text (same arguments and errors)."""
     return respond(model, tokenizer, image, question, **kwargs).text
+
+
+def stage_settings(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``views``, ``router_gamma`` and ``force_expert`` of the stage a saved model was trained in
+    (``extra["stage"]`` as ``recipes/train.py`` writes it; ``None`` for what it left unset)."""
+    stage = extra.get("stage") if isinstance(extra, Mapping) else None
+    stage = stage if isinstance(stage, Mapping) else {}
+    return {k: stage.get(k) for k in ("views", "router_gamma", "force_expert")}
 
 
 def load_chat_model(directory: str | Path, *, device: str | torch.device = "cpu"):
@@ -198,8 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sliced = slicer_for(model, extra.get("slicer"))(args.image)
     except (FileNotFoundError, ValueError) as exc:  # SlicingError and TemplateError included
         return fail(str(exc))
+    settings = stage_settings(extra)  # the trained stage's views and routing, unless overridden
+    if args.router_gamma is not None:
+        settings["router_gamma"] = args.router_gamma
     result = respond(model, tokenizer, sliced, args.question, template=template,
-                     max_new_tokens=args.max_new_tokens, router_gamma=args.router_gamma)
+                     max_new_tokens=args.max_new_tokens, **settings)
     print(result.text)
     if args.verbose:
         rate = result.router_keep_rate

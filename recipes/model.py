@@ -128,7 +128,10 @@ class SliMEForCausalLM(nn.Module):
             text = self.llm.get_input_embeddings()(question_ids.to(dev))
         sep = None
         if self.adapter.config.separator == "embedding":
-            sep = self.llm.get_input_embeddings().weight[self.separator_token_id]
+            # through the embedding module, not its weight: under ZeRO-3 the weight is gathered
+            # only while the module runs
+            ids = torch.tensor([self.separator_token_id], device=dev)
+            sep = self.llm.get_input_embeddings()(ids)[0]
         return self.adapter(glob, tiles, grids=images.grids, text_embeds=text,
                             separator_embeds=sep,
                             text_mask=None if question_mask is None else question_mask.to(dev),

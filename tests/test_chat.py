@@ -168,3 +168,26 @@ def test_python_dash_m_exits_2_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "chat: error: model folder" in proc.stderr
+
+
+def test_command_uses_the_saved_stage_views_and_router_gamma(saved, loaded, tmp_path, capsys):
+    """A model saved after stage I answers from global views; a stage's γ is the default."""
+    from recipes.chat import stage_settings
+
+    model, tokenizer, extra = loaded
+    args = ["--image", str(saved[1]), "--question", QUESTION, "--max-new-tokens", "1", "--verbose"]
+    for name, stage, expect in (
+            ("g", {"name": "I", "views": "global", "router_gamma": None, "force_expert": None},
+             "global view only"),
+            ("b", {"name": "III", "views": "both", "router_gamma": 1.0, "force_expert": None},
+             r"router kept (\d+) of \1 local tokens")):
+        model.save_pretrained(tmp_path / name, tokenizer=tokenizer, extra={**extra, "stage": stage})
+        assert stage_settings({"stage": stage}) == {
+            k: stage[k] for k in ("views", "router_gamma", "force_expert")}
+        assert main(["--model", str(tmp_path / name), *args]) == 0
+        assert re.search(expect, capsys.readouterr().err)
+    # --router-gamma still overrides the saved γ
+    assert main(["--model", str(tmp_path / "b"), *args, "--router-gamma", "0.05"]) == 0
+    kept = re.search(r"router kept (\d+) of (\d+)", capsys.readouterr().err)
+    assert int(kept.group(1)) < int(kept.group(2))
+    assert stage_settings({}) == {"views": None, "router_gamma": None, "force_expert": None}
