@@ -32,12 +32,14 @@ FAILED=0
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 printf 'step\tstatus\tseconds\n' > "$DEST/steps.tsv"
 
-# step NAME CAP_SECONDS [--log FILE] CMD...: run CMD under `timeout`, capped by what is left of the
-# budget, its output also copied to FILE
+# step NAME CAP_SECONDS [--log FILE [--tail N]] CMD...: run CMD under `timeout`, capped by what is
+# left of the budget; with --log its output also goes to FILE, and with --tail only the last N lines
+# of it are shown (the whole of it stays in FILE)
 step() {
-    local name=$1 cap=$2 log=/dev/null left t0 rc
+    local name=$1 cap=$2 log=/dev/null tail_n="" left t0 rc
     shift 2
     if [ "$1" = "--log" ]; then log=$2; shift 2; fi
+    if [ "$1" = "--tail" ]; then tail_n=$2; shift 2; fi
     left=$((BUDGET - ($(date +%s) - START)))
     if [ "$left" -lt 10 ]; then
         echo "=== $name: skipped, the session budget (${BUDGET} s) is spent"
@@ -48,8 +50,15 @@ step() {
     [ "$cap" -gt "$left" ] && cap=$left
     echo "=== $name (timeout ${cap} s)"
     t0=$(date +%s)
-    timeout --kill-after=10 "$cap" "$@" 2>&1 | tee "$log"
-    rc=${PIPESTATUS[0]}
+    if [ -n "$tail_n" ]; then
+        timeout --kill-after=10 "$cap" "$@" > "$log" 2>&1
+        rc=$?
+        [ "$tail_n" -gt 0 ] && tail -n "$tail_n" "$log"
+        echo "(whole output: $log)"
+    else
+        timeout --kill-after=10 "$cap" "$@" 2>&1 | tee "$log"
+        rc=${PIPESTATUS[0]}
+    fi
     printf '%s\t%s\t%s\n' "$name" "$([ "$rc" -eq 0 ] && echo ok || echo "exit $rc")" \
         "$(($(date +%s) - t0))" >> "$DEST/steps.tsv"
     if [ "$rc" -ne 0 ]; then
@@ -179,11 +188,11 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
 PYEOF
     step backends 90 --log "$DEST/backends.txt" "$PY" "$DEST/backends.py"
     if [ -n "${SLIME_EXPECT_XFORMERS:-}" ]; then
-        step xformers.info 60 --log "$DEST/xformers_info.txt" "$PY" -m xformers.info
+        step xformers.info 60 --log "$DEST/xformers_info.txt" --tail 0 "$PY" -m xformers.info
     fi
 
     # ------------------------------------------------------------------------------ 4. tests
-    step pytest 150 --log "$DEST/pytest.txt" "$PY" -m pytest -q -rfEsP -p no:cacheprovider \
+    step pytest 150 --log "$DEST/pytest.txt" --tail 60 "$PY" -m pytest -q -rfEsP -p no:cacheprovider \
         --junitxml="$DEST/pytest.xml" tests/test_cuda.py tests/test_attention.py
 
     # ------------------------------------------------------------------------- 5. benchmarks
