@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks._common import REPO_ROOT
 
 BENCHMARKS = ("bench_tokens", "bench_slicing", "bench_router", "bench_adapters", "bench_stack",
-              "bilinear")
+              "bench_attention", "bilinear")
 
 
 def command(name: str, *, tiny: bool, out: Path | None, extra: list[str]) -> list[str]:
