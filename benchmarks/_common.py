@@ -63,14 +63,18 @@ def device_tag(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, ``-dirty`` appended when tracked files changed; ``nogit`` outside git."""
+    """Short hash of HEAD, ``-dirty`` appended when tracked files changed; outside git (a copy of
+    the tree on a device machine) ``SLIME_COMMIT`` when set, else ``nogit``."""
+    given = os.environ.get("SLIME_COMMIT", "").strip()
+    if given and re.fullmatch(r"[0-9A-Za-z._-]{1,64}", given) and not (REPO_ROOT / ".git").exists():
+        return given
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return "nogit"
+        return given if given and re.fullmatch(r"[0-9A-Za-z._-]{1,64}", given) else "nogit"
     return head + ("-dirty" if dirty.strip() else "")
 
 
