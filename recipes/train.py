@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     try:
         cfg = load_config(args.config, args.set)
+        check_before_start(cfg)
     except (TrainConfigError, FileNotFoundError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -127,6 +128,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return _train(cfg, args, dist)
     finally:
         dist.close()
+
+
+GENERATE_KEYS = ("num", "seed", "square", "clutter")
+
+
+def check_before_start(cfg: dict[str, Any]) -> None:
+    """Everything that can be checked without data or weights, so that a typo fails in a second
+    rather than after the data is generated and the model is loaded: the ``model:`` schema, the
+    slicer's keywords, the template name, ``data.generate``'s keys.
+
+    Raises:
+        TrainConfigError: naming the key and the problem.
+    """
+    from recipes.model_config import parse_model_config
+    from recipes.templates import TemplateError, get_template
+    from slime_adapters import SlicerConfig
+
+    try:
+        parse_model_config(cfg["model"])
+    except ValueError as exc:
+        raise TrainConfigError(str(exc)) from exc
+    try:
+        SlicerConfig(**cfg["data"]["slicer"])
+    except (TypeError, ValueError) as exc:
+        raise TrainConfigError(f"data.slicer: {exc}") from exc
+    try:
+        get_template(cfg["data"]["template"])
+    except TemplateError as exc:
+        raise TrainConfigError(f"data.template: {exc}") from exc
+    unknown = sorted(set(cfg["data"]["generate"] or {}) - set(GENERATE_KEYS))
+    if unknown:
+        raise TrainConfigError(f"unknown key(s) {[f'data.generate.{k}' for k in unknown]}; "
+                               f"known: {list(GENERATE_KEYS)}")
 
 
 def _prepare_data(cfg: dict[str, Any], dist: Distributed) -> Path:
@@ -140,9 +174,6 @@ def _prepare_data(cfg: dict[str, Any], dist: Distributed) -> Path:
             from recipes.data import make_color_dataset
 
             gen = dict(data["generate"])
-            unknown = sorted(set(gen) - {"num", "seed", "square", "clutter"})
-            if unknown:
-                raise TrainConfigError(f"unknown key(s) {[f'data.generate.{k}' for k in unknown]}")
             make_color_dataset(index.parent, int(gen.pop("num", 64)), **gen)
         dist.barrier()
     if not index.is_file():
@@ -152,8 +183,9 @@ def _prepare_data(cfg: dict[str, Any], dist: Distributed) -> Path:
 
 def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> dict[str, Any]:
     from recipes.build import build_model
+    from recipes.chat import slicer_for
     from recipes.data import LlavaJsonDataset
-    from slime_adapters import AdaptiveSlicer, AlternatingScheduler
+    from slime_adapters import AlternatingScheduler
 
     t = cfg["training"]
     out = Path(t["output_dir"])
@@ -166,7 +198,7 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
     model, tokenizer = built.model.to(dist.device), built.tokenizer
     stages, stage = resolve_stage(cfg, list(built.roles))
     scheduler = AlternatingScheduler(built.roles, stages, model=model)
-    slicer = AdaptiveSlicer(**cfg["data"]["slicer"])
+    slicer = slicer_for(model, cfg["data"]["slicer"])  # tiles of the encoder's image size
     dataset = LlavaJsonDataset(index, tokenizer=tokenizer, slicer=slicer,
                                template=cfg["data"]["template"],
                                image_root=cfg["data"]["image_root"])
@@ -200,6 +232,11 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
 
         atomic_write_text(out / "config.yaml", yaml.safe_dump(
             {k: v for k, v in cfg.items() if k != "source"}, sort_keys=False))
+        _keep_log_until(out / "log.jsonl", start)  # rows of steps a resumed run repeats go
+    if start >= total and (out / "final").exists() and (out / "report.json").is_file():
+        if dist.rank == 0:
+            print(f"train: stage {stage.name} is already complete in {out}", flush=True)
+        return json.loads((out / "report.json").read_text(encoding="utf-8"))
 
     from recipes.train_runtime import MicroBatches
 
@@ -247,6 +284,7 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
             "stage": stage.to_dict(), "preset": cfg["stage"]["preset"]})
     if total > start:
         engine.save(ckdir, total, fingerprint, keep_last=t["keep_last"])
+    # losses of the steps this run made (the whole curve is in log.jsonl)
     report = {"stage": stage.name, "views": stage.views, "trainable": list(stage.trainable),
               "steps": total, "resumed_from": start, "world_size": dist.world,
               "accumulation": accum, "loss_first": losses[0] if losses else None,
@@ -269,6 +307,14 @@ def _latest(ckdir: Path) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"{pointer} names {tag!r}, which is not a folder in {ckdir}")
     return path
+
+
+def _keep_log_until(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    rows = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write_text(path, "".join(f"{ln}\n" for ln in rows))
 
 
 def _log(out: Path, row: dict[str, Any]) -> None:

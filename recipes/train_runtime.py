@@ -278,6 +278,14 @@ class TorchEngine(_Engine):
                                    "scaling); use bf16 or fp32 without DeepSpeed")
         groups = scheduler.enter(stage)
         self.params = [p for g in groups for p in g["params"]]
+        low = sorted({str(p.dtype).removeprefix("torch.") for p in self.params
+                      if p.dtype != torch.float32})
+        if low:
+            # AdamW on half-precision weights rounds most small updates away (no fp32 master copy)
+            raise TrainConfigError(
+                f"the stage trains {'/'.join(low)} weights, which plain PyTorch would update "
+                f"without an fp32 master copy; set model.dtype=float32 with "
+                f"training.precision=bf16 (autocast), or use training.deepspeed")
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(t["adam_betas"]))
         self.wrapped = model
         if dist.world > 1:
@@ -335,6 +343,13 @@ class DeepSpeedEngine(_Engine):
         super().__init__(model, scheduler, stage, dist, accum, t)
         from slime_adapters.integrations.deepspeed import engine_for_stage
 
+        low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                      if p.dtype != torch.float32})
+        if low and t["precision"] == "fp32":
+            raise TrainConfigError(
+                f"the model holds {'/'.join(low)} weights but training.precision=fp32: DeepSpeed "
+                f"would update them without an fp32 master copy; set training.precision to "
+                f"bf16 / fp16, or model.dtype=float32")
         config = deepspeed_config(t, accum)
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
         optimizer = functools.partial(torch.optim.AdamW, betas=tuple(t["adam_betas"]))

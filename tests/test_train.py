@@ -104,6 +104,12 @@ def test_resume_after_a_crash_is_bit_exact(stage1, tmp_path):
     worst = max(float((resumed[k].double() - reference[k].double()).abs().max()) for k in resumed)
     assert worst == 0.0
     assert not (out / "checkpoints" / "step-0000004.partial").exists()
+    steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    # a finished stage started again does nothing and keeps its report
+    again = main(args)
+    assert again == json.loads((out / "report.json").read_text()) and again["resumed_from"] == 2
+    assert _weights(out / "final").keys() == reference.keys()
 
 
 def test_resume_refuses_another_configuration(stage1, tmp_path):
@@ -163,7 +169,12 @@ def test_two_processes_on_gloo(engine, stage1, tmp_path):
              "training.global_batch_size": "4", "training.micro_batch_size": "1",
              "training.save_every": "1"}
     if engine != "ddp":
-        extra["training.deepspeed"] = engine
+        # every parameter partitioned under ZeRO-3 (the tiny model's would all stay whole under
+        # the shipped persistence threshold)
+        ds = json.loads((ROOT / "recipes" / "configs" / "deepspeed" / f"{engine}.json").read_text())
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        extra["training.deepspeed"] = str(tmp_path / "ds.json")
     args = ["--config", str(TINY / "stage2.yaml"), *_sets(tmp, "unused", **extra),
             "--set", f"training.output_dir={tmp_path / 'out'}"]
     _launch(tmp_path, args)
@@ -228,3 +239,40 @@ def test_stage3_with_lora_trains_the_adapters_and_lora_not_the_base_llm(stage1, 
     lora = [k for k in after if k.startswith("llm_lora/")]
     assert lora and any("lora_B" in k and after[k].abs().max() > 0 for k in lora)
     assert any(not torch.equal(before[k], after[k]) for k in before if "compressor" in k)
+
+
+def test_checked_before_any_data_or_weights(tmp_path, capsys):
+    """Typos in the model, slicer, template or generator keys fail at once with exit code 2,
+    before the dataset is generated."""
+    data = tmp_path / "data" / "data.json"
+    base = ["--config", str(TINY / "stage1.yaml"), "--set", f"data.train={data}",
+            "--set", f"training.output_dir={tmp_path / 'o'}"]
+    for override, message in (
+            ("model.adapter.projector.typo=1", "model.adapter.projector.typo"),
+            ("data.slicer={typo: 1}", "data.slicer: "),
+            ("data.template=chatml", "data.template: unknown chat template 'chatml'"),
+            ("data.generate={num: 4, typo: 3}", "unknown key(s) ['data.generate.typo']")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, "--set", override])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not data.exists()
+
+
+def test_half_precision_weights_are_refused_without_deepspeed(stage1):
+    tmp, _ = stage1
+    with pytest.raises(TrainConfigError, match="bfloat16 weights, which plain PyTorch would"):
+        main(["--config", str(TINY / "stage1.yaml"), *_sets(tmp, "bf"),
+              "--set", "model.dtype=bfloat16", "--set", "training.precision=bf16"])
+
+
+def test_tiles_follow_the_encoder_image_size(stage1, tmp_path):
+    """A 224-px encoder gets 224-px tiles without naming the tile size in data.slicer."""
+    tmp, _ = stage1
+    report = main(["--config", str(TINY / "stage1.yaml"), *_sets(
+        tmp, "unused", **{"model.vision.config.image_size": "224",
+                          "model.vision.config.patch_size": "28", "training.max_steps": "1"}),
+        "--set", f"training.output_dir={tmp_path / 'o'}"])
+    assert report["steps"] == 1
+    assert json.loads((tmp_path / "o" / "final" / "slime.json").read_text())["extra"]["slicer"] \
+        == {"max_tiles": 6}

@@ -52,7 +52,11 @@ def test_base_files_merge_underneath_and_overrides_apply_last(tmp_path):
 
 @pytest.mark.parametrize("path", STAGE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_stage_configs_load(path):
+    pytest.importorskip("transformers")
+    from recipes.train import check_before_start
+
     cfg = load_config(path)
+    check_before_start(cfg)  # model schema, slicer keywords, template, generator keys
     t = cfg["training"]
     assert t["global_batch_size"] % t["micro_batch_size"] == 0
     if path.parent.name != "tiny":  # the paper's Table 7
