@@ -189,10 +189,13 @@ class SliMEForCausalLM(nn.Module):
     # ---------------------------------------------------------------------------- save / load
 
     def save_pretrained(self, directory: str | os.PathLike[str], *, tokenizer=None,
-                        extra: Mapping[str, Any] | None = None) -> Path:
+                        extra: Mapping[str, Any] | None = None,
+                        state_dict: Mapping[str, Tensor] | None = None) -> Path:
         """Write the whole model (and ``tokenizer``) into ``directory``, the module docstring's
         layout; ``extra`` (a JSON-ready dict: the chat template, the slicer's keywords, ...) is kept
-        in ``slime.json``.
+        in ``slime.json``. ``state_dict``: this model's full state dict to write instead of the
+        module's own tensors (DeepSpeed ZeRO-3 holds only partitions; it gathers them layer by
+        layer into one CPU state dict on rank 0).
 
         Atomic: everything is written into a temporary sibling folder, which is renamed into place
         once complete; an existing ``directory`` is moved aside only then (and restored should that
@@ -203,8 +206,9 @@ class SliMEForCausalLM(nn.Module):
             ``directory`` as a :class:`~pathlib.Path`.
 
         Raises:
-            ValueError: ``extra`` is not a JSON-serialisable mapping, or the vision encoder or the
-                LLM has no ``save_pretrained`` (not a Hugging Face model).
+            ValueError: ``extra`` is not a JSON-serialisable mapping, the vision encoder or the
+                LLM has no ``save_pretrained`` (not a Hugging Face model), or ``state_dict``
+                holds keys outside ``vision.``, ``llm.`` and ``adapter.``.
             slime_adapters.CheckpointError: the adapter holds tensors on the meta device.
             OSError: the folder cannot be written.
         """
@@ -231,18 +235,27 @@ class SliMEForCausalLM(nn.Module):
             "lora": lora, "tokenizer": tokenizer is not None,
             "config": self.build_config, "extra": extra,
         }
+        parts = None if state_dict is None else _split_state(state_dict)
+        given = {} if parts is None else {"vision": {"state_dict": parts["vision"]},
+                                          "llm": {"state_dict": parts["llm"]}}
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = fresh_sibling(directory, "tmp")
         try:
             with quiet_transformers():
-                self.vision.save_pretrained(tmp / "vision")
+                self.vision.save_pretrained(tmp / "vision", **given.get("vision", {}))
                 if lora:
                     # the base LM without peft's wrappers, loadable by any transformers user
-                    base.save_pretrained(tmp / "llm", state_dict=_without_lora(base.state_dict()))
-                    self.llm.save_pretrained(tmp / "llm_lora")
+                    base_state = (base.state_dict() if parts is None else
+                                  _strip_prefix(parts["llm"], "base_model.model."))
+                    base.save_pretrained(tmp / "llm", state_dict=_without_lora(base_state))
+                    self.llm.save_pretrained(tmp / "llm_lora", **given.get("llm", {}))
                 else:
-                    base.save_pretrained(tmp / "llm")
-            save_module(self.adapter, tmp / "adapter")
+                    base.save_pretrained(tmp / "llm", **given.get("llm", {}))
+            adapter = self.adapter
+            if parts is not None:  # a copy holding the given tensors
+                adapter = SliMEVisualAdapter.from_config(self.adapter.config, device="meta")
+                adapter.load_state_dict(parts["adapter"], assign=True)
+            save_module(adapter, tmp / "adapter")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "tokenizer")
             atomic_write_text(tmp / SLIME_JSON, json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -318,6 +331,21 @@ def _is_peft(module: nn.Module) -> bool:
     except ImportError:  # without peft installed no model can be a peft model
         return False
     return isinstance(module, PeftModel)
+
+
+def _split_state(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """A whole model's state dict as ``{"vision": ..., "llm": ..., "adapter": ...}``."""
+    parts: dict[str, dict[str, Tensor]] = {"vision": {}, "llm": {}, "adapter": {}}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head not in parts or not rest:
+            raise ValueError(f"state_dict key {key!r} belongs to no part (vision., llm., adapter.)")
+        parts[head][rest] = value
+    return parts
+
+
+def _strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
 def _without_lora(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

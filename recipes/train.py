@@ -56,6 +56,7 @@ from recipes.train_runtime import (
     config_fingerprint,
     init_distributed,
     lr_factor,
+    zero3_loading,
 )
 from slime_adapters.config import atomic_write_text
 
@@ -191,11 +192,22 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
     out = Path(t["output_dir"])
     index = _prepare_data(cfg, dist)
 
+    accum = t["global_batch_size"] // (t["micro_batch_size"] * dist.world)
+    if accum < 1 or accum * t["micro_batch_size"] * dist.world != t["global_batch_size"]:
+        raise TrainConfigError(
+            f"training.global_batch_size={t['global_batch_size']} must be a multiple of "
+            f"micro_batch_size × processes = {t['micro_batch_size']} × {dist.world}")
+    # Under ZeRO-3, transformers' from_pretrained partitions the encoder and the LLM while it
+    # loads them (deepspeed.zero.Init) as long as this object lives: no rank ever holds a whole
+    # 70B model, and DeepSpeed places the parameters itself.
+    zero3 = zero3_loading(t, accum)
     torch.manual_seed(t["seed"])  # the same initial weights on every rank
     built = build_model(cfg["model"])
     torch.manual_seed(t["seed"] + 1 + dist.rank)  # the projector's noise differs across ranks
     random.seed(t["seed"] + 1 + dist.rank)
-    model, tokenizer = built.model.to(dist.device), built.tokenizer
+    model, tokenizer = built.model, built.tokenizer
+    if zero3 is None:
+        model = model.to(dist.device)
     stages, stage = resolve_stage(cfg, list(built.roles))
     scheduler = AlternatingScheduler(built.roles, stages, model=model)
     slicer = slicer_for(model, cfg["data"]["slicer"])  # tiles of the encoder's image size
@@ -203,11 +215,6 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
                                template=cfg["data"]["template"],
                                image_root=cfg["data"]["image_root"])
 
-    accum = t["global_batch_size"] // (t["micro_batch_size"] * dist.world)
-    if accum < 1 or accum * t["micro_batch_size"] * dist.world != t["global_batch_size"]:
-        raise TrainConfigError(
-            f"training.global_batch_size={t['global_batch_size']} must be a multiple of "
-            f"micro_batch_size × processes = {t['micro_batch_size']} × {dist.world}")
     per_epoch = len(dataset) // t["global_batch_size"]
     if per_epoch < 1:
         raise TrainConfigError(f"the dataset has {len(dataset)} records, fewer than one global "

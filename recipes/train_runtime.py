@@ -256,13 +256,15 @@ class _Engine:
         return int(state["step"])
 
     def save_final(self, directory: Path, tokenizer, *, extra: dict[str, Any]) -> None:
-        with self._gathered():
-            if self.dist.rank == 0:
-                self.model.save_pretrained(directory, tokenizer=tokenizer, extra=extra)
+        state = self._full_state_dict()  # a collective under ZeRO-3: every rank calls it
+        if self.dist.rank == 0:
+            self.model.save_pretrained(directory, tokenizer=tokenizer, extra=extra,
+                                       state_dict=state)
         self.dist.barrier()
 
-    def _gathered(self):
-        return contextlib.nullcontext()
+    def _full_state_dict(self):
+        """``None``: the module's own tensors are whole."""
+        return None
 
 
 class TorchEngine(_Engine):
@@ -381,13 +383,12 @@ class DeepSpeedEngine(_Engine):
     def _load_state(self, path: Path) -> None:
         self.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
 
-    def _gathered(self):
-        import deepspeed
-
+    def _full_state_dict(self):
         if self.zero_stage < 3:
-            return contextlib.nullcontext()
-        return deepspeed.zero.GatheredParameters(list(self.model.parameters()),
-                                                 modifier_rank=None)
+            return None
+        # gathered layer by layer onto rank 0's CPU (None elsewhere): no rank holds the whole
+        # model on its accelerator
+        return self.engine._zero3_consolidated_16bit_state_dict()
 
 
 def deepspeed_config(t: dict[str, Any], accum: int) -> dict[str, Any]:
@@ -411,6 +412,20 @@ def deepspeed_config(t: dict[str, Any], accum: int) -> dict[str, Any]:
     config["fp16"] = {"enabled": t["precision"] == "fp16"}
     config.setdefault("steps_per_print", 1 << 30)
     return config
+
+
+def zero3_loading(t: dict[str, Any], accum: int):
+    """Under a ZeRO-3 configuration, transformers' ``HfDeepSpeedConfig`` for it (keep it alive while
+    models load: ``from_pretrained`` then builds them partitioned); ``None`` otherwise."""
+    if t["deepspeed"] is None:
+        return None
+    config = deepspeed_config(t, accum)
+    if int(config.get("zero_optimization", {}).get("stage", 0)) < 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config["train_batch_size"] = t["global_batch_size"]
+    return HfDeepSpeedConfig(config)
 
 
 def build_engine(cfg: dict[str, Any], model, scheduler, stage, dist: Distributed, accum: int):

@@ -334,6 +334,29 @@ def test_lora_round_trip(tmp_path, built_lora, batch):
     model.train()
 
 
+@pytest.mark.parametrize("which", ["plain", "lora"])
+def test_save_from_a_given_state_dict(tmp_path, built, built_lora, batch, which):
+    """``state_dict=`` (what ZeRO-3 gathers) is written instead of the module's own tensors: a
+    model saved from a perturbed copy of its state loads as that perturbed model."""
+    import copy
+
+    model = (built if which == "plain" else built_lora).model
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if name.startswith(("adapter.", "vision.", "llm.")) and p.is_floating_point():
+                p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "m", tokenizer=built.tokenizer,
+                          state_dict=other.state_dict())
+    loaded, _ = SliMEForCausalLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(logits(loaded, batch), logits(other, batch))
+    assert not torch.equal(logits(loaded, batch), logits(model, batch))
+    with pytest.raises(ValueError, match="key 'stray' belongs to no part"):
+        model.save_pretrained(tmp_path / "bad", state_dict={"stray": torch.zeros(1)})
+    assert not (tmp_path / "bad").exists()
+    model.train()
+
+
 class ExplodingTokenizer:
     def save_pretrained(self, directory):
         os.makedirs(directory)
