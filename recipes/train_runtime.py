@@ -404,6 +404,11 @@ def deepspeed_config(t: dict[str, Any], accum: int) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise TrainConfigError(f"training.deepspeed: {str(path)!r} is not valid JSON: {exc}") \
             from exc
+    owned = sorted({"optimizer", "scheduler"} & set(config))
+    if owned:
+        raise TrainConfigError(
+            f"training.deepspeed: {str(path)!r} sets {owned}; the training section owns the "
+            f"optimizer (AdamW, adam_betas, weight_decay) and the learning-rate schedule")
     config.pop("train_batch_size", None)
     config["train_micro_batch_size_per_gpu"] = t["micro_batch_size"]
     config["gradient_accumulation_steps"] = accum

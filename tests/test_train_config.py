@@ -139,6 +139,9 @@ def test_deepspeed_config_owns_batch_and_precision(tmp_path):
     assert ds["gradient_clipping"] == 0.5 and "train_batch_size" not in ds
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         deepspeed_config({**t, "deepspeed": str(tmp_path / "x.json")}, 1)
+    owned = _write(tmp_path, "owned.json", '{"optimizer": {"type": "Adam"}}')
+    with pytest.raises(TrainConfigError, match=r"sets \['optimizer'\]; the training section owns"):
+        deepspeed_config({**t, "deepspeed": str(owned)}, 1)
     bad = _write(tmp_path, "bad.json", "{")
     with pytest.raises(TrainConfigError, match="is not valid JSON"):
         deepspeed_config({**t, "deepspeed": str(bad)}, 1)
