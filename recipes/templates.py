@@ -115,7 +115,7 @@ class ChatTemplate:
             TemplateError: as :meth:`check`.
         """
         turns = _check_turns(conversations, for_generation, self.single_turn, self.name)
-        return self._render(turns, eos_token).text
+        return self._render(turns, self._stop_text_for(eos_token)).text
 
     def encode(self, tokenizer: Any, conversations: Sequence[Mapping[str, Any]], *,
                for_generation: bool = False, image_token: str = IMAGE_TOKEN) -> Encoded:
@@ -150,7 +150,8 @@ class ChatTemplate:
                 raise TemplateError(f"template {self.name!r} ends each answer with "
                                     f"{rendered.text[start:end]!r}, which the tokenizer turns "
                                     f"into no token")
-        labels = [i if e > s and any(s < a_end and e > a_start for a_start, a_end in rendered.answers)
+        answers = () if for_generation else rendered.answers
+        labels = [i if e > s and any(s < a_end and e > a_start for a_start, a_end in answers)
                   else IGNORE_INDEX for i, (s, e) in zip(ids, spans)]
         if not for_generation:
             prompt = self._render(turns[:-1], self._stop_text(tokenizer))
@@ -205,6 +206,9 @@ class ChatTemplate:
     def _stop_text(self, tokenizer: Any) -> str:
         first = self.stop_tokens[0]
         return self._eos(tokenizer)[0] if first == "eos" else first
+
+    def _stop_text_for(self, eos_token: str) -> str:
+        return eos_token if self.stop_tokens[0] == "eos" else self.stop_tokens[0]
 
     def _eos(self, tokenizer: Any) -> tuple[str, int]:
         text, value = getattr(tokenizer, "eos_token", None), getattr(tokenizer, "eos_token_id", None)
