@@ -1,9 +1,10 @@
 """Chat templates: LLaVA-format conversations to token ids with the loss on the answers only.
 
-A conversation is a list of LLaVA turns ``{"from": "human" | "gpt", "value": str}`` that starts with
-a human turn and alternates; the first human turn holds the image placeholder ``<image>`` exactly
-once (no other turn may hold it). As LLaVA's ``preprocess_multimodal`` does, the placeholder is moved
-to the front of that turn: ``"<image>\\n" + rest.strip()``. :meth:`ChatTemplate.encode` returns
+A conversation is a list of LLaVA turns ``{"from": "human" | "gpt", "value": str}`` that starts
+with a human turn and alternates; the first human turn holds the image placeholder ``<image>``
+exactly once (no other turn may hold it). As LLaVA's ``preprocess_multimodal`` does, the placeholder
+is moved to the front of that turn: ``"<image>\\n" + rest.strip()``. :meth:`ChatTemplate.encode`
+returns
 
 - ``input_ids``: the whole prompt and answers; the placeholder becomes the tokenizer's id of the
   model's image token (one id that :func:`slime_adapters.splice.splice_into_embeddings` expands);
@@ -12,31 +13,31 @@ to the front of that turn: ``"<image>\\n" + rest.strip()``. :meth:`ChatTemplate.
 - ``question_ids``: the text of every human turn without the placeholder, for the router.
 
 The template renders the conversation as one string, character for character what LLaVA's
-``Conversation.get_prompt`` / ``preprocess_*`` build (:meth:`ChatTemplate.prompt_text` returns it),
-and tokenises it the way LLaVA's ``tokenizer_image_token`` does: one call for the text before the
-placeholder and one for the text after it (``add_special_tokens=False``, so the stop tokens written
-in the string, e.g. ``</s>`` or ``<|eot_id|>``, are matched as the tokenizer's special tokens), the
-image id between them and the BOS id in front where the template starts with BOS. Tokenising the
-two sides apart matters for SentencePiece tokenizers (``Metaspace(prepend_scheme="first")``): the
-text after the image starts with ``"▁"`` exactly as in LLaVA. A token is labelled iff its character
-span (``return_offsets_mapping``, so a fast tokenizer is required) overlaps an answer's span (the
-answer text and its stop text). A generation prompt (``for_generation=True``: the conversation ends
-with a human turn) is the training string cut where the last answer starts; :meth:`encode` checks
-that its ids are a prefix of the training ids.
+``Conversation.get_prompt`` / ``preprocess_*`` build (:meth:`ChatTemplate.prompt_text` returns
+it), and tokenises it the way LLaVA's ``tokenizer_image_token`` does: one call for the text before
+the placeholder and one for the text after it (``add_special_tokens=False``, so the stop tokens
+written in the string, e.g. ``</s>`` or ``<|eot_id|>``, are matched as the tokenizer's special
+tokens), the image id between them and the BOS id in front where the template starts with BOS.
+Tokenising the two sides apart matters for SentencePiece tokenizers
+(``Metaspace(prepend_scheme="first")``): the text after the image starts with ``"▁"`` exactly as
+in LLaVA, where one call over the whole string would drop it. A token is labelled iff its
+character span (``return_offsets_mapping``, so a fast tokenizer is required) overlaps an answer's
+span (the answer text and its stop text). A generation prompt (``for_generation=True``: the
+conversation ends with a human turn) is the training string cut where the last answer starts;
+encoding a training conversation checks that the ids of its last generation prompt are a prefix.
 
-Templates (``get_template(name)``; ``{eos}`` is the tokenizer's EOS text, ``</s>`` for Llama/Vicuna):
+Templates (``get_template(name)``; ``{eos}`` is the tokenizer's EOS text, ``</s>`` for Vicuna):
 
-===========  ==========================================================================================
-``qa``       ``<bos>USER: <image>\\n{q} ASSISTANT: {a}{eos}USER: {q2} ASSISTANT: {a2}{eos}`` (demo)
-``plain``    LLaVA's pre-training format ``<bos><image>{a}\\n``: the human text is not in the prompt
-             (it still drives the router); exactly one human/gpt pair; answers end with ``\\n``
-``vicuna-v1`` ``<bos>{system} USER: <image>\\n{q} ASSISTANT: {a}{eos}USER: {q2} ASSISTANT: {a2}{eos}``;
-             a generation prompt ends with ``ASSISTANT:`` (LLaVA's ``conv_vicuna_v1``)
-``llama-3``  Meta's format: ``<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n``
-             ``{system}<|eot_id|>``, then ``<|start_header_id|>user<|end_header_id|>\\n\\n{q}<|eot_id|>``
-             and ``<|start_header_id|>assistant<|end_header_id|>\\n\\n{a}<|eot_id|>`` per turn, every
-             message stripped; a generation prompt ends with the assistant header
-===========  ==========================================================================================
+- ``qa`` (the demo's): ``<bos>USER: <image>\\n{q} ASSISTANT: {a}{eos}USER: {q2} ASSISTANT: ...``
+- ``plain``: LLaVA's pre-training format ``<bos><image>{a}\\n``; the human text is not in the
+  prompt (it still drives the router); exactly one human/gpt pair; answers end with ``\\n``.
+- ``vicuna-v1`` (LLaVA's ``conv_vicuna_v1``):
+  ``<bos>{system} USER: <image>\\n{q} ASSISTANT: {a}{eos}USER: {q2} ASSISTANT: {a2}{eos}``;
+  a generation prompt ends with ``ASSISTANT:``.
+- ``llama-3`` (Meta's format, every message stripped): ``<|begin_of_text|>``, then
+  ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{message}<|eot_id|>`` for the system prompt
+  and every turn (roles ``system``, ``user``, ``assistant``); a generation prompt ends with the
+  assistant header.
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ class ChatTemplate:
         return eos_token if self.stop_tokens[0] == "eos" else self.stop_tokens[0]
 
     def _eos(self, tokenizer: Any) -> tuple[str, int]:
-        text, value = getattr(tokenizer, "eos_token", None), getattr(tokenizer, "eos_token_id", None)
+        text = getattr(tokenizer, "eos_token", None)
+        value = getattr(tokenizer, "eos_token_id", None)
         if text is None or value is None:
             raise TemplateError(f"template {self.name!r}: the tokenizer has no eos token")
         return str(text), int(value)

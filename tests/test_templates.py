@@ -137,8 +137,8 @@ def test_qa_format_and_labels(words):
     toks = words.convert_ids_to_tokens(enc.input_ids)
     assert toks == ("<s> USER: <image> what color is the square ? ASSISTANT: red </s> USER: and "
                     "the background ? ASSISTANT: grey , mostly </s>").split()
-    assert words.convert_ids_to_tokens([i for i, lab in zip(enc.input_ids, enc.labels)
-                                        if lab != IGNORE_INDEX]) == "red </s> grey , mostly </s>".split()
+    target = [i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]
+    assert words.convert_ids_to_tokens(target) == "red </s> grey , mostly </s>".split()
     assert words.convert_ids_to_tokens(enc.question_ids) == \
         "what color is the square ? and the background ?".split()
 
@@ -189,7 +189,8 @@ def test_a_tokenizer_that_merges_across_the_prompt_end_is_refused():
 
 def test_llama3_exact_text_and_stop_token(bpe):
     template = get_template("llama-3", system="Be brief.")
-    conv = [{"from": "human", "value": " what color ?\n<image> "}, {"from": "gpt", "value": " red\n"},
+    conv = [{"from": "human", "value": " what color ?\n<image> "},
+            {"from": "gpt", "value": " red\n"},
             {"from": "human", "value": " and ? "}, {"from": "gpt", "value": "grey"}]
     enc = template.encode(bpe, conv)
     text = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
@@ -209,8 +210,8 @@ def test_plain_is_llavas_pretraining_format(bpe, words):
     assert _decode(bpe, enc.input_ids) == "<s><image>red\n"
     assert enc.labels[:2] == [IGNORE_INDEX] * 2 and enc.labels[2:] == enc.input_ids[2:]
     assert _labelled_runs(bpe, enc) == ["red\n"]
-    assert bpe.convert_ids_to_tokens(enc.question_ids) == \
-        bpe.convert_ids_to_tokens(bpe("what color is the square ?", add_special_tokens=False).input_ids)
+    question = bpe("what color is the square ?", add_special_tokens=False).input_ids
+    assert enc.question_ids == question
     assert template.stop_token_ids(bpe) == [bpe.convert_tokens_to_ids("Ċ"), bpe.eos_token_id]
     with pytest.raises(TemplateError, match="'plain' takes one human/gpt pair, got 2"):
         template.encode(bpe, CONV)
