@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ COLORS = {
     "orange": (245, 140, 20),
 }
 QUESTIONS = ("what color is the square ?", "which color does the small square have ?")
+_SHOWN = 5  # bad records listed by name when a dataset opens
 SIZES = ((336, 336), (672, 336), (336, 672), (600, 480), (900, 500), (400, 1000), (1008, 672))
 
 
@@ -110,43 +112,82 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     """A LLaVA-format JSON file: every record's image sliced and its whole conversation tokenised
     by a chat template (:mod:`recipes.templates`), the loss on the answers only.
 
+    Every record is checked when the dataset opens (structure only: no tokenising, no image
+    reading), so a bad record stops the run before it starts. Text-only records (no ``"image"``;
+    LLaVA-665K holds about 40k) are skipped with a warning; ``skipped_text_only`` counts them and
+    ``records`` holds the others.
+
     Args:
         index: the JSON list of records.
-        tokenizer: a Hugging Face tokenizer holding the ``<image>`` token.
+        tokenizer: a fast Hugging Face tokenizer holding ``image_token``.
         slicer: turns each record's image into a global view and tiles.
         template: a :func:`recipes.templates.get_template` name (or a template).
         image_root: the folder image paths are relative to (default: the index's folder).
+        image_token: the model's image token; the data's ``<image>`` placeholder becomes its id.
 
     Raises:
         FileNotFoundError: ``index`` is missing.
-        ValueError: ``index`` is not a JSON list of records with ``image`` and at least one
-            human/gpt pair; an unknown template. Reading a record raises ``ValueError`` naming
-            the record when its conversation does not fit the template, and the slicer's error
-            (naming the file) when its image is missing or broken.
+        ValueError: ``index`` is not a JSON list; one ``ValueError`` for all the records that are
+            not a mapping, have an ``image`` that is not a string, or a conversation that does not
+            fit the template (it gives their count and the first few as index, id and reason);
+            no record has an image; an unknown template. Reading a record raises ``ValueError``
+            naming the record when the tokenizer refuses it, and the slicer's error (naming the
+            file) when its image is missing or broken.
     """
 
     def __init__(self, index: str | Path, *, tokenizer, slicer: AdaptiveSlicer,
                  template: str | ChatTemplate = "qa",
-                 image_root: str | Path | None = None) -> None:
+                 image_root: str | Path | None = None, image_token: str = IMAGE_TOKEN) -> None:
         self.template = get_template(template) if isinstance(template, str) else template
         index = Path(index)
         if not index.is_file():
             raise FileNotFoundError(f"dataset index {str(index)!r} does not exist")
         try:
-            self.records = json.loads(index.read_text(encoding="utf-8"))
+            records = json.loads(index.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"dataset index {str(index)!r} is not valid JSON: {exc}") from exc
-        if not isinstance(self.records, list):
+        if not isinstance(records, list):
             raise ValueError(f"dataset index {str(index)!r} must hold a JSON list of records")
-        for i, rec in enumerate(self.records):
-            conv = rec.get("conversations") if isinstance(rec, dict) else None
-            if not conv or len(conv) < 2 or "image" not in rec:
-                raise ValueError(
-                    f"record {i} of {str(index)!r} needs 'image' and at least one human/gpt pair"
-                )
+        self.records, self.positions, self.skipped_text_only = [], [], 0
+        bad: list[str] = []
+        for i, rec in enumerate(records):
+            reason = self._problem(rec)
+            if reason == "":
+                self.records.append(rec)
+                self.positions.append(i)
+            elif reason is None:
+                self.skipped_text_only += 1
+            else:
+                rec_id = rec.get("id") if isinstance(rec, dict) else None
+                bad.append(f"record {i} (id {rec_id!r}): {reason}")
+        if bad:
+            raise ValueError(f"{len(bad)} of {len(records)} records in {str(index)!r} do not fit "
+                             f"the {self.template.name!r} template; the first "
+                             f"{min(len(bad), _SHOWN)}: " + "; ".join(bad[:_SHOWN]))
+        if self.skipped_text_only:
+            warnings.warn(f"{self.skipped_text_only} of {len(records)} records in "
+                          f"{str(index)!r} have no 'image' (text-only) and are skipped",
+                          stacklevel=2)
+        if not self.records:
+            raise ValueError(f"dataset index {str(index)!r} holds no record with an image")
         self.root = Path(image_root) if image_root is not None else index.parent
         self.tokenizer = tokenizer
         self.slicer = slicer
+        self.image_token = image_token
+
+    def _problem(self, rec: object) -> str | None:
+        """The empty string for a good record, None for a text-only one, else why it is bad."""
+        if not isinstance(rec, dict):
+            return f"must be a JSON object, got {type(rec).__name__}"
+        if "image" not in rec:
+            return None
+        if not isinstance(rec["image"], str):
+            return f"'image' must be a string path, got {type(rec['image']).__name__}"
+        try:
+            self.template.check(rec.get("conversations"))
+        except TemplateError as exc:
+            return str(exc)
+        return ""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -154,9 +195,10 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Example:
         rec = self.records[i]
         try:
-            enc = self.template.encode(self.tokenizer, rec["conversations"])
+            enc = self.template.encode(self.tokenizer, rec["conversations"],
+                                       image_token=self.image_token)
         except TemplateError as exc:
-            raise ValueError(f"record {i} (id {rec.get('id')!r}): {exc}") from exc
+            raise ValueError(f"record {self.positions[i]} (id {rec.get('id')!r}): {exc}") from exc
         answer = rec["conversations"][-1]["value"]
         return Example(self.slicer(self.root / rec["image"]), torch.tensor(enc.input_ids),
                        torch.tensor(enc.labels), torch.tensor(enc.question_ids), answer)

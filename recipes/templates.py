@@ -1,31 +1,43 @@
 """Chat templates: LLaVA-format conversations to token ids with the loss on the answers only.
 
-A conversation is a list of LLaVA turns ``{"from": "human" | "gpt", "value": str}`` that starts with
-a human turn and alternates; the first human turn holds the image placeholder ``<image>`` exactly
-once (no other turn may hold it). :meth:`ChatTemplate.encode` returns
+A conversation is a list of LLaVA turns ``{"from": "human" | "gpt", "value": str}`` that starts
+with a human turn and alternates; the first human turn holds the image placeholder ``<image>``
+exactly once (no other turn may hold it). As LLaVA's ``preprocess_multimodal`` does, the placeholder
+is moved to the front of that turn: ``"<image>\\n" + rest.strip()``. :meth:`ChatTemplate.encode`
+returns
 
-- ``input_ids``: the whole prompt and answers; ``<image>`` becomes the tokenizer's id for it (one
-  placeholder that :func:`slime_adapters.splice.splice_into_embeddings` expands);
-- ``labels``: ``input_ids`` on the answers and on the token that ends each answer, ``-100``
-  (ignored) everywhere else (everywhere in a generation prompt);
+- ``input_ids``: the whole prompt and answers; the placeholder becomes the tokenizer's id of the
+  model's image token (one id that :func:`slime_adapters.splice.splice_into_embeddings` expands);
+- ``labels``: ``input_ids`` on the answers and on the tokens of the stop text that ends each
+  answer, ``-100`` (ignored) everywhere else (everywhere in a generation prompt);
 - ``question_ids``: the text of every human turn without the placeholder, for the router.
 
-Every piece of text is tokenised on its own (``add_special_tokens=False``) and the pieces are
-concatenated, so a generation prompt (``for_generation=True``: the conversation ends with a human
-turn and the ids end where the answer starts) is exactly a prefix of the training sequence of the
-same conversation with its answer.
+The template renders the conversation as one string, character for character what LLaVA's
+``Conversation.get_prompt`` / ``preprocess_*`` build (:meth:`ChatTemplate.prompt_text` returns
+it), and tokenises it the way LLaVA's ``tokenizer_image_token`` does: one call for the text before
+the placeholder and one for the text after it (``add_special_tokens=False``, so the stop tokens
+written in the string, e.g. ``</s>`` or ``<|eot_id|>``, are matched as the tokenizer's special
+tokens), the image id between them and the BOS id in front where the template starts with BOS.
+Tokenising the two sides apart matters for SentencePiece tokenizers
+(``Metaspace(prepend_scheme="first")``): the text after the image starts with ``"▁"`` exactly as
+in LLaVA, where one call over the whole string would drop it. A token is labelled iff its
+character span (``return_offsets_mapping``, so a fast tokenizer is required) overlaps an answer's
+span (the answer text and its stop text). A generation prompt (``for_generation=True``: the
+conversation ends with a human turn) is the training string cut where the last answer starts;
+encoding a training conversation checks that the ids of its last generation prompt are a prefix.
 
-Templates (``get_template(name)``):
+Templates (``get_template(name)``; ``{eos}`` is the tokenizer's EOS text, ``</s>`` for Vicuna):
 
-===========  ==========================================================================================
-``qa``       ``<s> USER: <image> {q} ASSISTANT: {a} </s>``, turns repeated (the demo's format)
-``plain``    LLaVA's pre-training format: ``<s> <image> {a} </s>``; the human text is not in the
-             prompt (it still drives the router); exactly one human/gpt pair
-``vicuna-v1`` ``<s> {system} USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>``
-``llama-3``  ``<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>``
-             then ``<|start_header_id|>user<|end_header_id|>\\n\\n{q}<|eot_id|>`` and
-             ``<|start_header_id|>assistant<|end_header_id|>\\n\\n{a}<|eot_id|>`` per turn
-===========  ==========================================================================================
+- ``qa`` (the demo's): ``<bos>USER: <image>\\n{q} ASSISTANT: {a}{eos}USER: {q2} ASSISTANT: ...``
+- ``plain``: LLaVA's pre-training format ``<bos><image>{a}\\n``; the human text is not in the
+  prompt (it still drives the router); exactly one human/gpt pair; answers end with ``\\n``.
+- ``vicuna-v1`` (LLaVA's ``conv_vicuna_v1``):
+  ``<bos>{system} USER: <image>\\n{q} ASSISTANT: {a}{eos}USER: {q2} ASSISTANT: {a2}{eos}``;
+  a generation prompt ends with ``ASSISTANT:``.
+- ``llama-3`` (Meta's format, every message stripped): ``<|begin_of_text|>``, then
+  ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{message}<|eot_id|>`` for the system prompt
+  and every turn (roles ``system``, ``user``, ``assistant``); a generation prompt ends with the
+  assistant header.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the "
                  "visual content that the user provides, and assist the user with a variety of "
                  "tasks using natural language.")
+_LLAMA3_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 __all__ = ["IGNORE_INDEX", "IMAGE_TOKEN", "ChatTemplate", "Encoded", "TemplateError",
            "get_template", "template_names"]
@@ -59,16 +72,20 @@ class Encoded:
     question_ids: list[int]
 
 
-# A piece is ("text", str), ("image",) or ("token", name): name is "bos", "eos" or a literal
-# special token that must exist in the tokenizer's vocabulary.
-_Piece = tuple
+@dataclasses.dataclass(frozen=True)
+class _Rendered:
+    text: str  # holds IMAGE_TOKEN once, at image_at
+    image_at: int
+    answers: tuple[tuple[int, int], ...]  # [start of the answer, end of its stop text)
+    stops: tuple[tuple[int, int], ...]  # the stop texts' spans
 
 
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
     """A chat format: what goes before, between and after the turns.
 
-    ``stop_tokens`` names the tokens that end an answer (generation stops there).
+    ``stop_tokens`` names what ends an answer: ``"eos"`` (the tokenizer's EOS token) or a literal
+    token or text; the first one is written after every answer, and all of them stop generation.
     """
 
     name: str
@@ -78,96 +95,213 @@ class ChatTemplate:
     stop_tokens: tuple[str, ...] = ("eos",)
 
     # -- public ---------------------------------------------------------------------------------
-    def encode(self, tokenizer: Any, conversations: Sequence[Mapping[str, Any]], *,
-               for_generation: bool = False) -> Encoded:
-        """Token ids, labels and question ids of ``conversations`` (see the module docstring).
+    def check(self, conversations: Sequence[Mapping[str, Any]], *,
+              for_generation: bool = False) -> None:
+        """Check the structure of ``conversations`` for this template (no tokenising).
 
         Raises:
             TemplateError: the conversation is empty, does not start with a human turn or
                 alternate, a value is not a string, ``<image>`` is missing from the first human
                 turn or appears anywhere else, a generation prompt does not end with a human turn
-                (or a training one with a gpt turn), ``plain`` got more than one pair, or the
-                tokenizer lacks a token the template needs.
+                (or a training one with a gpt turn), or ``plain`` got more than one pair.
+        """
+        _check_turns(conversations, for_generation, self.single_turn, self.name)
+
+    def prompt_text(self, conversations: Sequence[Mapping[str, Any]], *,
+                    for_generation: bool = False, eos_token: str = "</s>") -> str:
+        """The string the conversation is rendered as, ``<image>`` in it and without the BOS
+        token (LLaVA's ``get_prompt``); ``eos_token`` is the text written for ``"eos"``.
+
+        Raises:
+            TemplateError: as :meth:`check`.
         """
         turns = _check_turns(conversations, for_generation, self.single_turn, self.name)
-        ids: list[int] = []
-        labels: list[int] = []
+        return self._render(turns, self._stop_text_for(eos_token)).text
+
+    def encode(self, tokenizer: Any, conversations: Sequence[Mapping[str, Any]], *,
+               for_generation: bool = False, image_token: str = IMAGE_TOKEN) -> Encoded:
+        """Token ids, labels and question ids of ``conversations`` (see the module docstring).
+
+        ``image_token`` is the model's image token: the placeholder ``<image>`` the data writes
+        becomes its id, exactly once.
+
+        Raises:
+            TemplateError: everything :meth:`check` raises; the tokenizer is not a fast one (the
+                labels need character offsets); it lacks the image token, an EOS token or a token
+                the template needs; its text holds the image token outside the placeholder; it
+                turns an answer's stop text into no token; or (training) the ids of the
+                generation prompt are not a prefix of the training ids.
+        """
+        turns = _check_turns(conversations, for_generation, self.single_turn, self.name)
+        if not getattr(tokenizer, "is_fast", False):
+            raise TemplateError(f"template {self.name!r} needs a fast (Rust-backed) tokenizer: the "
+                                f"answers are labelled by character offsets, which "
+                                f"{type(tokenizer).__name__} does not give")
+        for token in self._special_tokens():
+            _token_id(tokenizer, token, self.name)
+        image_id = _token_id(tokenizer, image_token, self.name)
+        rendered = self._render(turns, self._stop_text(tokenizer))
+        ids, spans = self._tokenise(tokenizer, rendered, image_id)
+        if ids.count(image_id) != 1:
+            raise TemplateError(f"template {self.name!r}: the image token {image_token!r} must "
+                                f"appear once, where {IMAGE_TOKEN!r} is; the text holds it "
+                                f"{ids.count(image_id) - 1} more time(s)")
+        for start, end in rendered.stops:
+            if not any(s < end and e > start for s, e in spans):
+                raise TemplateError(f"template {self.name!r} ends each answer with "
+                                    f"{rendered.text[start:end]!r}, which the tokenizer turns "
+                                    f"into no token")
+        answers = () if for_generation else rendered.answers
+        labels = [i if e > s and any(s < a_end and e > a_start for a_start, a_end in answers)
+                  else IGNORE_INDEX for i, (s, e) in zip(ids, spans)]
+        if not for_generation:
+            prompt = self._render(turns[:-1], self._stop_text(tokenizer))
+            prompt_ids, _ = self._tokenise(tokenizer, prompt, image_id)
+            if ids[:len(prompt_ids)] != prompt_ids:
+                at = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b),
+                          min(len(prompt_ids), len(ids)))
+                raise TemplateError(
+                    f"template {self.name!r}: this tokenizer tokenises the generation prompt "
+                    f"differently from the start of the training sequence (they part at token "
+                    f"{at}: {_show(tokenizer, prompt_ids[at:at + 2])} vs "
+                    f"{_show(tokenizer, ids[at:at + 2])}), so generation would not see what "
+                    f"training saw")
         questions: list[int] = []
-
-        def put(pieces: Sequence[_Piece], target: bool) -> None:
-            for piece in pieces:
-                new = self._ids(tokenizer, piece)
-                ids.extend(new)
-                labels.extend(new if target else [IGNORE_INDEX] * len(new))
-
-        put(self._start(), False)
-        for index in range(0, len(turns), 2):
-            question = turns[index]
+        for question in turns[0::2]:
             before, _, after = question.partition(IMAGE_TOKEN)
             text = " ".join(s.strip() for s in (before, after) if s.strip())
             questions.extend(_text_ids(tokenizer, text) if text else [])
-            put(self._user(question), False)
-            # every human turn is followed by an answer, or (the last one) by the generation
-            put(self._answer_header(), False)
-            if index + 1 < len(turns):
-                put(self._answer(turns[index + 1]), not for_generation)
         return Encoded(ids, labels, questions)
 
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
-        """Ids of the tokens that end an answer (for ``generate(eos_token_id=...)``)."""
-        return [i for name in self.stop_tokens for i in self._ids(tokenizer, ("token", name))]
+        """Ids of the tokens that end an answer (for ``generate(eos_token_id=...)``): the EOS id
+        for ``"eos"``, a literal token's id, else the last token of the stop text tokenised alone.
+
+        Raises:
+            TemplateError: the tokenizer has no EOS token, or turns a stop text into no token.
+        """
+        out = []
+        for name in self.stop_tokens:
+            if name == "eos":
+                out.append(self._eos(tokenizer)[1])
+                continue
+            value = tokenizer.convert_tokens_to_ids(name)
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if value is not None and (value != unk or name == tokenizer.unk_token):
+                out.append(int(value))
+                continue
+            ids = _text_ids(tokenizer, name)
+            if not ids:
+                raise TemplateError(f"template {self.name!r} ends answers with {name!r}, which "
+                                    f"the tokenizer turns into no token")
+            out.append(ids[-1])
+        return out
 
     # -- formats --------------------------------------------------------------------------------
-    def _start(self) -> list[_Piece]:
-        if self.name == "llama-3":
-            return [("token", "<|begin_of_text|>"), *_llama3_header("system"),
-                    ("text", self.system), ("token", "<|eot_id|>")]
-        if self.name == "vicuna-v1":
-            return [("token", "bos"), ("text", self.system + " ")]
-        return [("token", "bos")]
+    def _special_tokens(self) -> tuple[str, ...]:
+        return _LLAMA3_TOKENS if self.name == "llama-3" else ()
 
-    def _user(self, value: str) -> list[_Piece]:
-        body = _split_image(value) if self.question_in_prompt else [("image",)]
-        if self.name == "llama-3":
-            return [*_llama3_header("user"), *body, ("token", "<|eot_id|>")]
-        if self.name == "vicuna-v1":
-            return [("text", "USER: "), *body]
-        if self.name == "qa":
-            return [("text", "USER:"), *body]
-        return body  # plain
+    def _bos(self) -> bool:
+        return self.name != "llama-3"  # llama-3 writes <|begin_of_text|> in the string
 
-    def _answer_header(self) -> list[_Piece]:
-        if self.name == "llama-3":
-            return _llama3_header("assistant")
-        if self.name == "vicuna-v1":
-            return [("text", " ASSISTANT: ")]
-        if self.name == "qa":
-            return [("text", "ASSISTANT:")]
-        return []
+    def _stop_text(self, tokenizer: Any) -> str:
+        first = self.stop_tokens[0]
+        return self._eos(tokenizer)[0] if first == "eos" else first
 
-    def _answer(self, value: str) -> list[_Piece]:
-        end = ("token", "<|eot_id|>") if self.name == "llama-3" else ("token", "eos")
-        return [("text", value.strip()), end]
+    def _stop_text_for(self, eos_token: str) -> str:
+        return eos_token if self.stop_tokens[0] == "eos" else self.stop_tokens[0]
+
+    def _eos(self, tokenizer: Any) -> tuple[str, int]:
+        text = getattr(tokenizer, "eos_token", None)
+        value = getattr(tokenizer, "eos_token_id", None)
+        if text is None or value is None:
+            raise TemplateError(f"template {self.name!r}: the tokenizer has no eos token")
+        return str(text), int(value)
+
+    def _render(self, turns: Sequence[str], stop: str) -> _Rendered:
+        # (kind, text) pieces; kinds "text", "image", "answer", "stop"
+        pieces: list[tuple[str, str]] = []
+        llama3 = self.name == "llama-3"
+        if llama3:
+            pieces.append(("text", "<|begin_of_text|>"))
+            if self.system:
+                pieces.append(("text", _llama3_header("system") + self.system.strip()
+                               + "<|eot_id|>"))
+        elif self.name == "vicuna-v1":
+            pieces.append(("text", self.system + " "))
+        for index in range(0, len(turns), 2):
+            human = _human_pieces(turns[index], index == 0, self.question_in_prompt, llama3)
+            if llama3:
+                pieces += [("text", _llama3_header("user")), *human,
+                           ("text", "<|eot_id|>" + _llama3_header("assistant"))]
+            elif self.name in ("vicuna-v1", "qa"):
+                pieces += [("text", "USER: "), *human, ("text", " ASSISTANT:")]
+            else:  # plain
+                pieces += human
+            if index + 1 < len(turns):
+                answer = turns[index + 1]
+                if llama3:
+                    answer = answer.strip()
+                elif self.name != "plain":
+                    pieces.append(("text", " "))
+                pieces += [("answer", answer), ("stop", stop)]
+        text, image_at, answers, stops, start = "", -1, [], [], 0
+        for kind, piece in pieces:
+            if kind == "image":
+                image_at = len(text)
+            elif kind == "answer":
+                start = len(text)
+            text += piece
+            if kind == "stop":
+                answers.append((start, len(text)))
+                stops.append((len(text) - len(piece), len(text)))
+        return _Rendered(text, image_at, tuple(answers), tuple(stops))
 
     # -- tokens ---------------------------------------------------------------------------------
-    def _ids(self, tokenizer: Any, piece: _Piece) -> list[int]:
-        if piece[0] == "text":
-            return _text_ids(tokenizer, piece[1]) if piece[1] else []
-        if piece[0] == "image":
-            return [_token_id(tokenizer, IMAGE_TOKEN, self.name)]
-        name = piece[1]
-        if name in ("bos", "eos"):
-            value = getattr(tokenizer, f"{name}_token_id", None)
-            if value is None:
-                if name == "bos":
-                    return []  # tokenizers without a BOS token (e.g. Qwen) start directly
-                raise TemplateError(f"template {self.name!r}: the tokenizer has no eos token")
-            return [int(value)]
-        return [_token_id(tokenizer, name, self.name)]
+    def _tokenise(self, tokenizer: Any, rendered: _Rendered,
+                  image_id: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character spans: BOS, the text before the image, the image, the text after."""
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if self._bos() and bos is not None:  # tokenizers without BOS (e.g. Qwen) start directly
+            ids.append(int(bos))
+            spans.append((0, 0))
+        after_at = rendered.image_at + len(IMAGE_TOKEN)
+        self._extend(tokenizer, rendered.text[:rendered.image_at], 0, ids, spans)
+        ids.append(image_id)
+        spans.append((rendered.image_at, after_at))
+        self._extend(tokenizer, rendered.text[after_at:], after_at, ids, spans)
+        return ids, spans
+
+    @staticmethod
+    def _extend(tokenizer: Any, text: str, offset: int, ids: list[int],
+                spans: list[tuple[int, int]]) -> None:
+        if text:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids.extend(int(i) for i in enc["input_ids"])
+            spans.extend((offset + s, offset + e) for s, e in enc["offset_mapping"])
+
+
+def _human_pieces(value: str, first: bool, in_prompt: bool,
+                  strip: bool) -> list[tuple[str, str]]:
+    if not first:
+        return [("text", value.strip() if strip else value)] if in_prompt else []
+    # LLaVA's preprocess_multimodal: the placeholder first, then a newline and the stripped text
+    rest = value.replace(IMAGE_TOKEN, "").strip()
+    return [("image", IMAGE_TOKEN)] + ([("text", "\n" + rest)] if rest and in_prompt else [])
+
+
+def _llama3_header(role: str) -> str:
+    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
 
 
 def _text_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _show(tokenizer: Any, ids: list[int]) -> str:
+    return repr(tokenizer.convert_ids_to_tokens(ids)) if ids else "(end)"
 
 
 def _token_id(tokenizer: Any, token: str, template: str) -> int:
@@ -177,24 +311,6 @@ def _token_id(tokenizer: Any, token: str, template: str) -> int:
         raise TemplateError(f"template {template!r} needs the token {token!r}, which the "
                             f"tokenizer does not have (add it as a special token)")
     return int(value)
-
-
-def _llama3_header(role: str) -> list[_Piece]:
-    return [("token", "<|start_header_id|>"), ("text", role), ("token", "<|end_header_id|>"),
-            ("text", "\n\n")]
-
-
-def _split_image(value: str) -> list[_Piece]:
-    if IMAGE_TOKEN not in value:
-        return [("text", value)] if value.strip() else []
-    before, _, after = value.partition(IMAGE_TOKEN)
-    pieces: list[_Piece] = []
-    if before.strip():
-        pieces.append(("text", before))
-    pieces.append(("image",))
-    if after.strip():
-        pieces.append(("text", after))
-    return pieces
 
 
 def _check_turns(conversations: Sequence[Mapping[str, Any]], for_generation: bool,
@@ -232,7 +348,8 @@ def _check_turns(conversations: Sequence[Mapping[str, Any]], for_generation: boo
 
 _TEMPLATES = {
     "qa": ChatTemplate("qa"),
-    "plain": ChatTemplate("plain", single_turn=True, question_in_prompt=False),
+    "plain": ChatTemplate("plain", single_turn=True, question_in_prompt=False,
+                          stop_tokens=("\n", "eos")),
     "vicuna-v1": ChatTemplate("vicuna-v1", system=VICUNA_SYSTEM),
     "llama-3": ChatTemplate("llama-3", system=LLAMA3_SYSTEM, stop_tokens=("<|eot_id|>",)),
 }
@@ -247,9 +364,12 @@ def get_template(name: str, *, system: str | None = None) -> ChatTemplate:
     """The template called ``name`` (``system`` replaces its system prompt).
 
     Raises:
-        TemplateError: an unknown name (the message lists the known ones).
+        TemplateError: an unknown name (the message lists the known ones), or a ``system`` that
+            holds ``<image>``.
     """
     if name not in _TEMPLATES:
         raise TemplateError(f"unknown chat template {name!r}; known: {template_names()}")
+    if system is not None and IMAGE_TOKEN in system:
+        raise TemplateError(f"system must not hold {IMAGE_TOKEN!r}")
     template = _TEMPLATES[name]
     return template if system is None else dataclasses.replace(template, system=system)

@@ -58,8 +58,22 @@ def test_dataset_errors(tmp_path, tokenizer):
     bad.write_text("[{")
     with pytest.raises(ValueError, match="not valid JSON"):
         LlavaJsonDataset(bad, tokenizer=tokenizer, slicer=slicer)
-    bad.write_text(json.dumps([{"image": "x.png", "conversations": []}]))
-    with pytest.raises(ValueError, match="record 0 .* needs 'image' and at least one"):
+    bad.write_text(json.dumps({"image": "x.png"}))
+    with pytest.raises(ValueError, match="must hold a JSON list of records"):
+        LlavaJsonDataset(bad, tokenizer=tokenizer, slicer=slicer)
+    # checked at open, before any image is read: one error for all the bad records
+    bad.write_text(json.dumps([{"image": "x.png", "conversations": []},
+                               {"id": "b", "image": ["x.png"], "conversations": []},
+                               {"id": "c", "image": "x.png"}]))
+    with pytest.raises(ValueError, match=(
+            r"3 of 3 records in '.*bad.json' do not fit the 'qa' template; the first 3: "
+            r"record 0 \(id None\): conversations must be a non-empty list of turns; "
+            r"record 1 \(id 'b'\): 'image' must be a string path, got list; "
+            r"record 2 \(id 'c'\): conversations must be")):
+        LlavaJsonDataset(bad, tokenizer=tokenizer, slicer=slicer)
+    bad.write_text(json.dumps([{"conversations": []}]))
+    with pytest.warns(UserWarning, match="1 of 1 records .* no 'image'"), \
+            pytest.raises(ValueError, match="holds no record with an image"):
         LlavaJsonDataset(bad, tokenizer=tokenizer, slicer=slicer)
 
 
