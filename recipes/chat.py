@@ -85,7 +85,7 @@ def _conversation(question: str) -> list[dict[str, str]]:
 
 @torch.no_grad()
 def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
-            template: str | ChatTemplate = "plain", slicer: AdaptiveSlicer | None = None,
+            template: str | ChatTemplate = "qa", slicer: AdaptiveSlicer | None = None,
             max_new_tokens: int = 32, router_gamma: float | None = None,
             views: str | None = None, force_expert: int | None = None) -> ChatAnswer:
     """Answer ``question`` about ``image`` with greedy decoding.
@@ -115,7 +115,8 @@ def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     template = get_template(template) if isinstance(template, str) else template
-    enc = template.encode(tokenizer, _conversation(question), for_generation=True)
+    enc = template.encode(tokenizer, _conversation(question), for_generation=True,
+                          image_token=image_token_of(model, tokenizer))
     sliced = image if isinstance(image, SlicedImage) else (slicer or slicer_for(model))(image)
     model.eval()
     images = collate([sliced])
@@ -147,6 +148,11 @@ def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
 def answer(model: SliMEForCausalLM, tokenizer, image: Any, question: str, **kwargs) -> str:
     """:func:`respond`'s answer text (same arguments and errors)."""
     return respond(model, tokenizer, image, question, **kwargs).text
+
+
+def image_token_of(model: SliMEForCausalLM, tokenizer) -> str:
+    """The token string of the model's image placeholder (``model.image_token`` when built)."""
+    return tokenizer.convert_ids_to_tokens(model.image_token_id)
 
 
 def stage_settings(extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -205,8 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"image {args.image!r} does not exist")
     try:
         model, tokenizer, extra = load_chat_model(args.model, device=args.device)
-        template = get_template(args.template or extra.get("template") or "plain")
-        template.encode(tokenizer, _conversation(args.question), for_generation=True)
+        template = get_template(args.template or extra.get("template") or "qa")
+        template.encode(tokenizer, _conversation(args.question), for_generation=True,
+                        image_token=image_token_of(model, tokenizer))
         sliced = slicer_for(model, extra.get("slicer"))(args.image)
     except (FileNotFoundError, ValueError) as exc:  # SlicingError and TemplateError included
         return fail(str(exc))

@@ -184,7 +184,7 @@ def _prepare_data(cfg: dict[str, Any], dist: Distributed) -> Path:
 
 def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> dict[str, Any]:
     from recipes.build import build_model
-    from recipes.chat import slicer_for
+    from recipes.chat import image_token_of, slicer_for
     from recipes.data import LlavaJsonDataset
     from slime_adapters import AlternatingScheduler
 
@@ -213,7 +213,8 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
     slicer = slicer_for(model, cfg["data"]["slicer"])  # tiles of the encoder's image size
     dataset = LlavaJsonDataset(index, tokenizer=tokenizer, slicer=slicer,
                                template=cfg["data"]["template"],
-                               image_root=cfg["data"]["image_root"])
+                               image_root=cfg["data"]["image_root"],
+                               image_token=image_token_of(model, tokenizer))
 
     per_epoch = len(dataset) // t["global_batch_size"]
     if per_epoch < 1:

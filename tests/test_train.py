@@ -286,3 +286,16 @@ def test_tiles_follow_the_encoder_image_size(stage1, tmp_path):
     assert report["steps"] == 1
     assert json.loads((tmp_path / "o" / "final" / "slime.json").read_text())["extra"]["slicer"] \
         == {"max_tiles": 6}
+
+
+def test_a_configured_image_token_reaches_the_prompts(stage1, tmp_path):
+    """``model.image_token`` replaces LLaVA's ``<image>`` in the training ids."""
+    tmp, _ = stage1
+    report = main(["--config", str(TINY / "stage1.yaml"), *_sets(
+        tmp, "unused", **{"model.image_token": "<img>", "training.max_steps": "1"}),
+        "--set", f"training.output_dir={tmp_path / 'o'}"])
+    assert report["steps"] == 1
+    from recipes.model import SliMEForCausalLM
+
+    model, tok = SliMEForCausalLM.from_pretrained(tmp_path / "o" / "final")
+    assert tok.convert_ids_to_tokens(model.image_token_id) == "<img>"
