@@ -53,13 +53,13 @@ from slime_adapters.ops.reference import attention_reference
 # SPEC §4 scenario: 576 global tokens + 1 separator + the kept local tokens of its four images
 PACKED_LENGTHS = (1945, 2079, 1680, 1422)
 # Relative tolerance (worst element over the oracle's largest magnitude) of the forward output
-# and of the gradients, per dtype. Half precision: the math backend rounds its scores to the input
-# dtype before the softmax (≈1.1e-2 at 144×576 in bf16, against ≈2e-3 for SDPA), so its check
-# allows 3e-2; the errors themselves are saved. float32 allows TF32 matrix products on CUDA.
+# and of the gradients, per dtype. Half precision: inputs and outputs are rounded to bf16 (every
+# backend computes in float32 inside; ≈3e-3 at 144×576), gradients lose a little more; the errors
+# themselves are saved. float32 allows TF32 matrix products on CUDA.
 TOLERANCE = {
     torch.float64: (1e-9, 1e-9),
     torch.float32: (2e-3, 2e-3),
-    torch.bfloat16: (3e-2, 5e-2),
+    torch.bfloat16: (1e-2, 5e-2),
     torch.float16: (3e-2, 5e-2),
 }
 

@@ -17,7 +17,9 @@ The template renders the conversation as one string, character for character wha
 it), and tokenises it the way LLaVA's ``tokenizer_image_token`` does: one call for the text before
 the placeholder and one for the text after it (``add_special_tokens=False``, so the stop tokens
 written in the string, e.g. ``</s>`` or ``<|eot_id|>``, are matched as the tokenizer's special
-tokens), the image id between them and the BOS id in front where the template starts with BOS.
+tokens), the image id between them and the tokenizer's BOS id in front where the template starts
+with BOS and the tokenizer has one (LLaVA's ids carry a BOS only when the tokenizer adds one itself,
+as Llama's and Vicuna's do: for those the ids are LLaVA's exactly).
 Tokenising the two sides apart matters for SentencePiece tokenizers
 (``Metaspace(prepend_scheme="first")``): the text after the image starts with ``"▁"`` exactly as
 in LLaVA, where one call over the whole string would drop it. A token is labelled iff its
@@ -152,7 +154,10 @@ class ChatTemplate:
                                     f"{rendered.text[start:end]!r}, which the tokenizer turns "
                                     f"into no token")
         answers = () if for_generation else rendered.answers
-        labels = [i if e > s and any(s < a_end and e > a_start for a_start, a_end in answers)
+        # a token with an empty span (whitespace under trim_offsets) is labelled when it lies
+        # strictly inside an answer
+        labels = [i if any((s < a_end and e > a_start) if e > s else a_start < s < a_end
+                           for a_start, a_end in answers)
                   else IGNORE_INDEX for i, (s, e) in zip(ids, spans)]
         if not for_generation:
             prompt = self._render(turns[:-1], self._stop_text(tokenizer))

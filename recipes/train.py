@@ -20,7 +20,9 @@ Output folder (``training.output_dir``)::
     log.jsonl                one line per logged step (loss, lr, seconds)
     checkpoints/step-N/      resumable state (weights being trained, optimizer, RNG, step)
     checkpoints/latest       the newest complete checkpoint's name
-    final/                   the trained model (SliMEForCausalLM.save_pretrained)
+    final/                   the trained model (SliMEForCausalLM.save_pretrained); under ZeRO-3
+                             with bf16 it holds DeepSpeed's 16-bit gathered weights, not the fp32
+                             master copy, and the next stage starts from those
     report.json              steps, first and last loss, time
 
 Checkpoints are written into ``step-N.partial`` by every rank and renamed into place by rank 0
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import sys
 import time
@@ -158,6 +161,16 @@ def check_before_start(cfg: dict[str, Any]) -> None:
         get_template(cfg["data"]["template"])
     except TemplateError as exc:
         raise TrainConfigError(f"data.template: {exc}") from exc
+    t = cfg["training"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t["global_batch_size"] % (t["micro_batch_size"] * world):
+        raise TrainConfigError(
+            f"training.global_batch_size={t['global_batch_size']} must be a multiple of "
+            f"micro_batch_size × processes = {t['micro_batch_size']} × {world}")
+    if t["deepspeed"] is not None:
+        from recipes.train_runtime import deepspeed_config
+
+        deepspeed_config(t, 1)  # the preset or file exists, parses, leaves the optimizer to us
     unknown = sorted(set(cfg["data"]["generate"] or {}) - set(GENERATE_KEYS))
     if unknown:
         raise TrainConfigError(f"unknown key(s) {[f'data.generate.{k}' for k in unknown]}; "
@@ -197,9 +210,10 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
         raise TrainConfigError(
             f"training.global_batch_size={t['global_batch_size']} must be a multiple of "
             f"micro_batch_size × processes = {t['micro_batch_size']} × {dist.world}")
-    # Under ZeRO-3, transformers' from_pretrained partitions the encoder and the LLM while it
-    # loads them (deepspeed.zero.Init) as long as this object lives: no rank ever holds a whole
-    # 70B model, and DeepSpeed places the parameters itself.
+    # Under ZeRO-3, transformers' from_pretrained partitions an encoder or LLM loaded from a
+    # folder (``path:`` or ``init_from``) while it loads it (deepspeed.zero.Init) as long as this
+    # object lives: no rank ever holds a whole 70B model, and DeepSpeed places the parameters
+    # itself. Models built from a ``config:`` are partitioned by DeepSpeed's initialize instead.
     zero3 = zero3_loading(t, accum)
     torch.manual_seed(t["seed"])  # the same initial weights on every rank
     built = build_model(cfg["model"])
@@ -320,8 +334,14 @@ def _latest(ckdir: Path) -> Path | None:
 def _keep_log_until(path: Path, step: int) -> None:
     if not path.is_file():
         return
-    rows = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-            if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a row torn by the interruption
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            rows.append(line)
     atomic_write_text(path, "".join(f"{ln}\n" for ln in rows))
 
 

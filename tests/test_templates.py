@@ -409,3 +409,30 @@ def test_dataset_skips_text_only_records_and_names_the_record_on_read(tmp_path, 
     ds = LlavaJsonDataset(index, tokenizer=words, slicer=AdaptiveSlicer(max_tiles=2))
     with pytest.raises(Exception, match="missing.png"):
         ds[0]
+
+
+def test_whitespace_tokens_inside_an_answer_are_labelled_under_trimmed_offsets():
+    """GPT-2-style tokenizers trim offsets: a whitespace-only token gets an empty span, yet it is
+    part of the answer and must carry the loss."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>",
+                                   additional_special_tokens=["<image>"])
+    answer = "red\n\n  grey"
+    enc = get_template("vicuna-v1").encode(
+        fast, [{"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": answer}])
+    prompt = get_template("vicuna-v1").encode(
+        fast, [{"from": "human", "value": "<image>\nwhat color ?"}], for_generation=True)
+    n = len(prompt.input_ids)
+    assert enc.labels[:n] == [IGNORE_INDEX] * n
+    assert enc.labels[n:] == enc.input_ids[n:]  # every answer token, whitespace included
+    assert _decode(fast, enc.input_ids[n:]).strip() == answer + "</s>"

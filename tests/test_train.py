@@ -299,3 +299,26 @@ def test_a_configured_image_token_reaches_the_prompts(stage1, tmp_path):
 
     model, tok = SliMEForCausalLM.from_pretrained(tmp_path / "o" / "final")
     assert tok.convert_ids_to_tokens(model.image_token_id) == "<img>"
+
+
+def test_a_torn_log_row_does_not_stop_a_resume(tmp_path):
+    from recipes.train import _keep_log_until
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    _keep_log_until(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_deepspeed_file_and_batch_split_checked_before_data(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data" / "data.json"
+    base = ["--config", str(TINY / "stage1.yaml"), "--set", f"data.train={data}",
+            "--set", f"training.output_dir={tmp_path / 'o'}"]
+    with pytest.raises(SystemExit):
+        main([*base, "--set", f"training.deepspeed={tmp_path / 'none.json'}"])
+    assert "neither a preset" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")  # 8 is not a multiple of 4 × 3
+    with pytest.raises(SystemExit):
+        main(base)
+    assert "multiple of micro_batch_size × processes = 4 × 3" in capsys.readouterr().err
+    assert not data.exists()
