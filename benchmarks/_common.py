@@ -9,6 +9,7 @@ before timing anything, times the oracle in the same run, prints the ratio last,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ __all__ = [
     "save_json",
     "summarise",
     "synchronize",
+    "threads",
     "time_fn",
 ]
 
@@ -116,6 +118,19 @@ def save_json(path: str | os.PathLike[str], payload: dict[str, Any], *,
     path = Path(path)
     atomic_write_text(path, json.dumps(clean(payload), indent=indent) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def threads(count: int | None):
+    """Run the block with ``count`` torch CPU threads (``None``: unchanged), restoring the
+    previous count after."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def synchronize(device: torch.device) -> None:

@@ -44,6 +44,7 @@ from benchmarks._common import (
     pick_device,
     result_stem,
     save_json,
+    threads,
     time_fn,
 )
 from slime_adapters.ops.attention import BACKENDS, ProbeCache, attention, backend_reasons, \
@@ -163,13 +164,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the saved payload. Raises SystemExit(1) after saving when a
     backend disagreed with the oracle."""
     args = _parse(argv)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:

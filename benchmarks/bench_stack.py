@@ -45,6 +45,7 @@ from benchmarks._common import (
     pick_device,
     result_stem,
     save_json,
+    threads,
     time_fn,
 )
 from slime_adapters.adapter import SliMEVisualAdapter
@@ -256,13 +257,8 @@ def _check(name: str, cmp: dict[str, Any], tol: float) -> None:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the saved payload. Raises SystemExit when fast != oracle."""
     args = _parse(argv)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
