@@ -322,3 +322,19 @@ def test_deepspeed_file_and_batch_split_checked_before_data(tmp_path, capsys, mo
         main(base)
     assert "multiple of micro_batch_size × processes = 4 × 3" in capsys.readouterr().err
     assert not data.exists()
+
+
+@pytest.mark.parametrize("preset, name, trains, views", [
+    ("reference", "1a", ["mlp_expert"], "global"),
+    ("reference", "1c", ["compressor"], "local"),
+    ("alternating", "II-1", ["compressor"], "local"),
+])
+def test_other_presets_run_their_stages(stage1, tmp_path, preset, name, trains, views):
+    tmp, _ = stage1
+    report = main(["--config", str(TINY / "stage1.yaml"), *_sets(
+        tmp, "unused", **{"stage.preset": preset, "stage.name": name, "training.max_steps": "1"}),
+        "--set", f"training.output_dir={tmp_path / 'o'}"])
+    assert (report["stage"], report["trainable"], report["views"]) == (name, trains, views)
+    saved = json.loads((tmp_path / "o" / "final" / "slime.json").read_text())["extra"]["stage"]
+    assert saved["force_expert"] == (0 if name == "1a" else None)
+    assert saved["router_gamma"] == (1.0 if name == "1c" else None)
