@@ -53,14 +53,8 @@ if __name__ == "__main__" and not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.train_config import TrainConfigError, load_config
-from recipes.train_runtime import (
-    Distributed,
-    build_engine,
-    config_fingerprint,
-    init_distributed,
-    lr_factor,
-    zero3_loading,
-)
+from recipes.train_engines import build_engine, zero3_loading
+from recipes.train_runtime import Distributed, config_fingerprint, init_distributed, lr_factor
 from slime_adapters.config import atomic_write_text
 
 __all__ = ["main", "resolve_stage"]
@@ -168,7 +162,7 @@ def check_before_start(cfg: dict[str, Any]) -> None:
             f"training.global_batch_size={t['global_batch_size']} must be a multiple of "
             f"micro_batch_size × processes = {t['micro_batch_size']} × {world}")
     if t["deepspeed"] is not None:
-        from recipes.train_runtime import deepspeed_config
+        from recipes.train_engines import deepspeed_config
 
         deepspeed_config(t, 1)  # the preset or file exists, parses, leaves the optimizer to us
     unknown = sorted(set(cfg["data"]["generate"] or {}) - set(GENERATE_KEYS))

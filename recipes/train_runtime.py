@@ -1,4 +1,4 @@
-"""What ``recipes/train.py`` runs on: processes, batches, the learning-rate curve, and two engines.
+"""What ``recipes/train.py`` runs on: processes, batches, the learning-rate curve, resume checks.
 
 - :func:`init_distributed` joins the process group the launcher set up (``torchrun`` or
   ``deepspeed``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), with
@@ -6,33 +6,22 @@
 - :class:`MicroBatches` cuts the data into this rank's micro-batches: epoch ``e`` is a permutation
   seeded by ``seed + e``, each global batch a slice of it, so the order does not depend on when a
   run was interrupted.
-- :class:`TorchEngine` (plain PyTorch, DDP with several processes, bf16 autocast) and
-  :class:`DeepSpeedEngine` (ZeRO through :func:`slime_adapters.integrations.deepspeed.engine_for_stage`)
-  share the step / save / load protocol of :class:`_Engine`.
+- :func:`lr_factor` (warm-up, cosine) and :func:`config_fingerprint` (what a resume must share).
+
+The engines that run the steps and write the checkpoints are in :mod:`recipes.train_engines`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
-import random
-import shutil
 import socket
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from recipes.train_config import TrainConfigError
-from slime_adapters.config import atomic_write_text
-
-CONFIGS = Path(__file__).resolve().parent / "configs"
-DEEPSPEED_PRESETS = {name: CONFIGS / "deepspeed" / f"{name}.json"
-                     for name in ("zero2", "zero3", "zero3-offload")}
 # keys that change how a run is watched or stored, not what it computes: a resume may change them
 _RUN_ONLY = {"output_dir", "save_every", "keep_last", "log_every", "progress", "num_workers",
              "device"}
@@ -125,10 +114,10 @@ def config_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         keys = sorted(set(a) | set(b))
-        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [d for k in keys for d in config_differences(a.get(k), b.get(k), f"{prefix}{k}.")]
     return [] if a == b else [prefix.rstrip(".")]
 
 
@@ -159,282 +148,3 @@ class MicroBatches(torch.utils.data.Dataset):
         from recipes.data import collate_examples
 
         return collate_examples([self.dataset[i] for i in self.indices(j)], self.pad_id)
-
-
-_MODEL_KEYS = ("images", "input_ids", "attention_mask", "labels", "question_ids", "question_mask")
-
-
-class _Engine:
-    """Shared by both engines: learning rate, forward arguments, the checkpoint protocol."""
-
-    name = "base"
-
-    def __init__(self, model, scheduler, stage, dist: Distributed, accum: int,
-                 t: dict[str, Any]) -> None:
-        self.model, self.scheduler, self.stage = model, scheduler, stage
-        self.dist, self.accum, self.t = dist, accum, t
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        # looked up every time: loading an optimizer state replaces the list
-        return self.optimizer.param_groups
-
-    def _capture_base_lrs(self) -> None:
-        self._base = [g["lr"] for g in self.param_groups]
-
-    @property
-    def lr(self) -> float:
-        return float(self.param_groups[0]["lr"])
-
-    def set_lr(self, factor: float) -> None:
-        for group, base in zip(self.param_groups, self._base):
-            group["lr"] = base * factor
-
-    @staticmethod
-    def _inputs(batch: dict[str, Any], **kw: Any) -> dict[str, Any]:
-        return {**{k: batch[k] for k in _MODEL_KEYS}, **kw}
-
-    # -- checkpoints ----------------------------------------------------------------------------
-    def save(self, ckdir: Path, step: int, fingerprint: dict[str, Any], *, keep_last: int) -> Path:
-        """Write a resumable checkpoint (see recipes/train.py for the protocol); returns it."""
-        d = self.dist
-        tag = f"step-{step:07d}"
-        partial = ckdir / f"{tag}.partial"
-        if d.rank == 0:
-            ckdir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted save
-        d.barrier()
-        self._save_state(ckdir, partial.name)
-        partial.mkdir(parents=True, exist_ok=True)
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   partial / f"rng-rank{d.rank}.pt")
-        d.barrier()
-        final = ckdir / tag
-        if d.rank == 0:
-            atomic_write_text(partial / "trainer_state.json", json.dumps(
-                {"step": step, "stage": self.stage.name, "world_size": d.world,
-                 "engine": self.name, "fingerprint": fingerprint}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            atomic_write_text(ckdir / "latest", tag)
-            done = sorted(p for p in ckdir.glob("step-*") if p.is_dir()
-                          and not p.name.endswith(".partial"))
-            for old in done[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        d.barrier()
-        return final
-
-    def load(self, path: Path, fingerprint: dict[str, Any]) -> int:
-        """Restore a checkpoint written by :meth:`save`; returns its optimizer step.
-
-        Raises:
-            FileNotFoundError: ``path`` is not a complete checkpoint.
-            TrainConfigError: it was written under another configuration, process count or engine.
-        """
-        state_file = path / "trainer_state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a complete checkpoint (no "
-                                    f"trainer_state.json)")
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-        diff = _differences(state["fingerprint"], fingerprint)
-        if diff:
-            raise TrainConfigError(
-                f"checkpoint {str(path)!r} was written under a different configuration "
-                f"({', '.join(diff[:8])}); pass --resume never or another training.output_dir")
-        for key, mine in (("world_size", self.dist.world), ("engine", self.name)):
-            if state[key] != mine:
-                raise TrainConfigError(f"checkpoint {str(path)!r} was written with {key}="
-                                       f"{state[key]!r}, this run has {mine!r}")
-        self._load_state(path)
-        rng = torch.load(path / f"rng-rank{self.dist.rank}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        return int(state["step"])
-
-    def save_final(self, directory: Path, tokenizer, *, extra: dict[str, Any]) -> None:
-        state = self._full_state_dict()  # a collective under ZeRO-3: every rank calls it
-        if self.dist.rank == 0:
-            self.model.save_pretrained(directory, tokenizer=tokenizer, extra=extra,
-                                       state_dict=state)
-        self.dist.barrier()
-
-    def _full_state_dict(self):
-        """``None``: the module's own tensors are whole."""
-        return None
-
-
-class TorchEngine(_Engine):
-    """Plain PyTorch: AdamW over the stage's parameter groups, DDP across processes, bf16
-    autocast."""
-
-    name = "torch"
-
-    def __init__(self, model, scheduler, stage, dist, accum, t) -> None:
-        super().__init__(model, scheduler, stage, dist, accum, t)
-        if t["precision"] == "fp16":
-            raise TrainConfigError("training.precision=fp16 needs training.deepspeed (loss "
-                                   "scaling); use bf16 or fp32 without DeepSpeed")
-        groups = scheduler.enter(stage)
-        self.params = [p for g in groups for p in g["params"]]
-        low = sorted({str(p.dtype).removeprefix("torch.") for p in self.params
-                      if p.dtype != torch.float32})
-        if low:
-            # AdamW on half-precision weights rounds most small updates away (no fp32 master copy)
-            raise TrainConfigError(
-                f"the stage trains {'/'.join(low)} weights, which plain PyTorch would update "
-                f"without an fp32 master copy; set model.dtype=float32 with "
-                f"training.precision=bf16 (autocast), or use training.deepspeed")
-        self.optimizer = torch.optim.AdamW(groups, betas=tuple(t["adam_betas"]))
-        self.wrapped = model
-        if dist.world > 1:
-            ids = [dist.device.index] if dist.device.type == "cuda" else None
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=ids, find_unused_parameters=True)
-        self._capture_base_lrs()
-
-    def forward(self, batch: dict[str, Any], **kw: Any):
-        autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
-                    if self.t["precision"] == "bf16" else contextlib.nullcontext())
-        with autocast:
-            return self.wrapped(**self._inputs(batch, **kw))
-
-    def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
-        sync = contextlib.nullcontext()
-        if not boundary and isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel):
-            sync = self.wrapped.no_sync()
-        with sync:
-            (loss / self.accum).backward()
-
-    def step(self) -> None:
-        if self.t["max_grad_norm"]:
-            torch.nn.utils.clip_grad_norm_(self.params, self.t["max_grad_norm"])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _save_state(self, ckdir: Path, tag: str) -> None:
-        folder = ckdir / tag
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.dist.rank == 0:
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            torch.save({"trainable": {names[id(p)]: p.detach().cpu() for p in self.params},
-                        "optimizer": self.optimizer.state_dict()}, folder / "state.pt")
-
-    def _load_state(self, path: Path) -> None:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        named = dict(self.model.named_parameters())
-        mine = {n for n, p in named.items() if any(p is q for q in self.params)}
-        if set(state["trainable"]) != mine:
-            raise TrainConfigError(f"checkpoint {str(path)!r} holds other trainable parameters "
-                                   f"than this stage trains")
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                named[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-
-
-class DeepSpeedEngine(_Engine):
-    """DeepSpeed ZeRO: one engine for the stage (only its parameters are partitioned/trained)."""
-
-    name = "deepspeed"
-
-    def __init__(self, model, scheduler, stage, dist, accum, t) -> None:
-        super().__init__(model, scheduler, stage, dist, accum, t)
-        from slime_adapters.integrations.deepspeed import engine_for_stage
-
-        low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
-                      if p.dtype != torch.float32})
-        if low and t["precision"] == "fp32":
-            raise TrainConfigError(
-                f"the model holds {'/'.join(low)} weights but training.precision=fp32: DeepSpeed "
-                f"would update them without an fp32 master copy; set training.precision to "
-                f"bf16 / fp16, or model.dtype=float32")
-        config = deepspeed_config(t, accum)
-        self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
-        optimizer = functools.partial(torch.optim.AdamW, betas=tuple(t["adam_betas"]))
-        self.engine = engine_for_stage(model, scheduler, stage, config, optimizer_cls=optimizer)
-        self._capture_base_lrs()
-
-    @property
-    def optimizer(self):
-        return self.engine.optimizer
-
-    def forward(self, batch: dict[str, Any], **kw: Any):
-        return self.engine(**self._inputs(batch, **kw))
-
-    def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
-        if self.engine.is_gradient_accumulation_boundary() != boundary:
-            raise RuntimeError("DeepSpeed's gradient-accumulation boundary disagrees with the "
-                               "training loop's")
-        self.engine.backward(loss)
-        if not boundary:
-            self.engine.step()  # DeepSpeed counts micro-batches in step(); no update here
-
-    def step(self) -> None:
-        self.engine.step()
-
-    def _save_state(self, ckdir: Path, tag: str) -> None:
-        self.engine.save_checkpoint(str(ckdir), tag=tag, save_latest=False,
-                                    exclude_frozen_parameters=True)
-
-    def _load_state(self, path: Path) -> None:
-        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
-
-    def _full_state_dict(self):
-        if self.zero_stage < 3:
-            return None
-        # gathered layer by layer onto rank 0's CPU (None elsewhere): no rank holds the whole
-        # model on its accelerator
-        return self.engine._zero3_consolidated_16bit_state_dict()
-
-
-def deepspeed_config(t: dict[str, Any], accum: int) -> dict[str, Any]:
-    """The DeepSpeed JSON (a preset name or a path) with the batch, clipping and precision of
-    ``t`` written in (those keys are owned by the training section)."""
-    source = t["deepspeed"]
-    path = DEEPSPEED_PRESETS.get(source, Path(source))
-    if not path.is_file():
-        raise FileNotFoundError(f"training.deepspeed: {source!r} is neither a preset "
-                                f"{sorted(DEEPSPEED_PRESETS)} nor an existing JSON file")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TrainConfigError(f"training.deepspeed: {str(path)!r} is not valid JSON: {exc}") \
-            from exc
-    owned = sorted({"optimizer", "scheduler"} & set(config))
-    if owned:
-        raise TrainConfigError(
-            f"training.deepspeed: {str(path)!r} sets {owned}; the training section owns the "
-            f"optimizer (AdamW, adam_betas, weight_decay) and the learning-rate schedule")
-    config.pop("train_batch_size", None)
-    config["train_micro_batch_size_per_gpu"] = t["micro_batch_size"]
-    config["gradient_accumulation_steps"] = accum
-    config["gradient_clipping"] = float(t["max_grad_norm"])
-    config["bf16"] = {"enabled": t["precision"] == "bf16"}
-    config["fp16"] = {"enabled": t["precision"] == "fp16"}
-    config.setdefault("steps_per_print", 1 << 30)
-    return config
-
-
-def zero3_loading(t: dict[str, Any], accum: int):
-    """Under a ZeRO-3 configuration, transformers' ``HfDeepSpeedConfig`` for it (keep it alive while
-    models load: ``from_pretrained`` then builds them partitioned); ``None`` otherwise."""
-    if t["deepspeed"] is None:
-        return None
-    config = deepspeed_config(t, accum)
-    if int(config.get("zero_optimization", {}).get("stage", 0)) < 3:
-        return None
-    from transformers.integrations import HfDeepSpeedConfig
-
-    config["train_batch_size"] = t["global_batch_size"]
-    return HfDeepSpeedConfig(config)
-
-
-def build_engine(cfg: dict[str, Any], model, scheduler, stage, dist: Distributed, accum: int):
-    """The engine the configuration asks for (DeepSpeed when ``training.deepspeed`` is set)."""
-    t = cfg["training"]
-    cls = DeepSpeedEngine if t["deepspeed"] is not None else TorchEngine
-    return cls(model, scheduler, stage, dist, accum, t)

@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("yaml")
 
 from recipes.train_config import DEFAULTS, TrainConfigError, apply_overrides, load_config  # noqa: E402
-from recipes.train_runtime import config_fingerprint, deepspeed_config, lr_factor  # noqa: E402
+from recipes.train_engines import deepspeed_config  # noqa: E402
+from recipes.train_runtime import config_fingerprint, lr_factor  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 STAGE_FILES = sorted(p for p in CONFIGS.glob("*/stage*.yaml"))
