@@ -26,65 +26,59 @@ __all__ = ["DEFAULTS", "PRESETS", "TrainConfigError", "apply_overrides", "load_c
 
 PRESETS = ("paper", "reference", "alternating")
 
-# Every key a stage file may hold below stage / data / training, with its default (``model`` is
-# validated by recipes.build). ``None`` means "not set".
-DEFAULTS: dict[str, dict[str, Any]] = {
+_NUM = (int, float)
+# Every key a stage file may hold below stage / data / training: (default, accepted types)
+# (``model`` is validated by recipes.build). A ``None`` default means "not set".
+_KEYS: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
     "stage": {
-        "preset": "paper",       # paper | reference | alternating
-        "rounds": 1,             # alternating(rounds)
-        "name": None,            # the stage to run: I, II, III (paper), 1a, 1b, 1c, SFT, ...
-        "trainable": None,       # override the preset's roles
-        "views": None,           # override: global | local | both
-        "router_gamma": None,    # override
-        "force_expert": None,    # override: 0 | 1
+        "preset": ("paper", (str,)),        # paper | reference | alternating
+        "rounds": (1, (int,)),              # alternating(rounds)
+        "name": (None, (str,)),             # the stage to run: I, II, III, 1a, 1b, 1c, SFT, ...
+        "trainable": (None, (list,)),       # override the preset's roles
+        "views": (None, (str,)),            # override: global | local | both
+        "router_gamma": (None, _NUM),       # override
+        "force_expert": (None, (int,)),     # override: 0 | 1
     },
     "data": {
-        "train": None,           # LLaVA-format JSON
-        "image_root": None,      # default: the JSON's folder
-        "template": "qa",        # recipes.templates name
-        "slicer": {},            # AdaptiveSlicer keyword arguments
-        "generate": None,        # {num, seed, square, clutter}: write the colour task into `train`'s
-                                 # folder when `train` does not exist (the embedded default)
-        "num_workers": 0,
+        "train": (None, (str,)),            # LLaVA-format JSON
+        "image_root": (None, (str,)),       # default: the JSON's folder
+        "template": ("qa", (str,)),         # recipes.templates name
+        "slicer": ({}, (dict,)),            # AdaptiveSlicer keyword arguments
+        "generate": (None, (dict,)),        # {num, seed, square, clutter}: write the colour task
+                                            # into `train`'s folder when `train` does not exist
+        "num_workers": (0, (int,)),
     },
     "training": {
-        "output_dir": None,
-        "global_batch_size": 256,
-        "micro_batch_size": 16,
-        "lr": None,              # default: the preset stage's learning rate
-        "lr_schedule": "cosine",  # cosine | constant
-        "warmup_ratio": 0.03,
-        "min_lr_ratio": 0.0,
-        "epochs": 1,
-        "max_steps": None,       # stop after this many optimizer steps
-        "weight_decay": 0.0,
-        "adam_betas": [0.9, 0.999],
-        "max_grad_norm": 1.0,
-        "precision": "fp32",     # fp32 | bf16 | fp16
-        "deepspeed": None,       # null (plain PyTorch / DDP), zero2, zero3, zero3-offload, or a JSON path
-        "save_every": 0,         # optimizer steps between resumable checkpoints (0: only at the end)
-        "keep_last": 2,
-        "log_every": 1,
-        "seed": 0,
-        "progress": True,
-        "device": None,          # default: cuda:LOCAL_RANK when CUDA is present, else cpu
+        "output_dir": (None, (str,)),
+        "global_batch_size": (256, (int,)),
+        "micro_batch_size": (16, (int,)),
+        "lr": (None, _NUM),                 # default: the preset stage's learning rate
+        "lr_schedule": ("cosine", (str,)),  # cosine | constant
+        "warmup_ratio": (0.03, _NUM),
+        "min_lr_ratio": (0.0, _NUM),
+        "epochs": (1, (int,)),
+        "max_steps": (None, (int,)),        # stop after this many optimizer steps
+        "weight_decay": (0.0, _NUM),
+        "adam_betas": ([0.9, 0.999], (list,)),
+        "max_grad_norm": (1.0, _NUM),
+        "precision": ("fp32", (str,)),      # fp32 | bf16 | fp16
+        "deepspeed": (None, (str,)),        # null (plain PyTorch / DDP), zero2, zero3,
+                                            # zero3-offload, or a JSON path
+        "save_every": (0, (int,)),          # steps between resumable checkpoints (0: at the end)
+        "keep_last": (2, (int,)),
+        "log_every": (1, (int,)),
+        "seed": (0, (int,)),
+        "progress": (True, (bool,)),
+        "device": (None, (str,)),           # default: cuda:LOCAL_RANK with CUDA, else cpu
     },
 }
+DEFAULTS: dict[str, dict[str, Any]] = {
+    section: {key: default for key, (default, _) in keys.items()}
+    for section, keys in _KEYS.items()
+}
 _TYPES: dict[str, tuple[type, ...]] = {
-    "stage.preset": (str,), "stage.rounds": (int,), "stage.name": (str,),
-    "stage.trainable": (list,), "stage.views": (str,), "stage.router_gamma": (int, float),
-    "stage.force_expert": (int,),
-    "data.train": (str,), "data.image_root": (str,), "data.template": (str,),
-    "data.slicer": (dict,), "data.generate": (dict,), "data.num_workers": (int,),
-    "training.output_dir": (str,), "training.global_batch_size": (int,),
-    "training.micro_batch_size": (int,), "training.lr": (int, float),
-    "training.lr_schedule": (str,), "training.warmup_ratio": (int, float),
-    "training.min_lr_ratio": (int, float), "training.epochs": (int,),
-    "training.max_steps": (int,), "training.weight_decay": (int, float),
-    "training.adam_betas": (list,), "training.max_grad_norm": (int, float),
-    "training.precision": (str,), "training.deepspeed": (str,), "training.save_every": (int,),
-    "training.keep_last": (int,), "training.log_every": (int,), "training.seed": (int,),
-    "training.progress": (bool,), "training.device": (str,),
+    f"{section}.{key}": types for section, keys in _KEYS.items()
+    for key, (_, types) in keys.items()
 }
 _CHOICES = {
     "stage.preset": PRESETS, "stage.views": ("global", "local", "both"),
