@@ -53,7 +53,7 @@ if __name__ == "__main__" and not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.train_config import TrainConfigError, load_config
-from recipes.train_engines import build_engine, zero3_loading
+from recipes.train_engines import build_engine, deepspeed_config, zero3_loading
 from recipes.train_runtime import Distributed, config_fingerprint, init_distributed, lr_factor
 from slime_adapters.config import atomic_write_text
 
@@ -162,8 +162,6 @@ def check_before_start(cfg: dict[str, Any]) -> None:
             f"training.global_batch_size={t['global_batch_size']} must be a multiple of "
             f"micro_batch_size × processes = {t['micro_batch_size']} × {world}")
     if t["deepspeed"] is not None:
-        from recipes.train_engines import deepspeed_config
-
         deepspeed_config(t, 1)  # the preset or file exists, parses, leaves the optimizer to us
     unknown = sorted(set(cfg["data"]["generate"] or {}) - set(GENERATE_KEYS))
     if unknown:
@@ -199,16 +197,14 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
     out = Path(t["output_dir"])
     index = _prepare_data(cfg, dist)
 
+    # a whole number since check_before_start (the same WORLD_SIZE as dist.world)
     accum = t["global_batch_size"] // (t["micro_batch_size"] * dist.world)
-    if accum < 1 or accum * t["micro_batch_size"] * dist.world != t["global_batch_size"]:
-        raise TrainConfigError(
-            f"training.global_batch_size={t['global_batch_size']} must be a multiple of "
-            f"micro_batch_size × processes = {t['micro_batch_size']} × {dist.world}")
+    ds_config = None if t["deepspeed"] is None else deepspeed_config(t, accum)
     # Under ZeRO-3, transformers' from_pretrained partitions an encoder or LLM loaded from a
     # folder (``path:`` or ``init_from``) while it loads it (deepspeed.zero.Init) as long as this
     # object lives: no rank ever holds a whole 70B model, and DeepSpeed places the parameters
     # itself. Models built from a ``config:`` are partitioned by DeepSpeed's initialize instead.
-    zero3 = zero3_loading(t, accum)
+    zero3 = zero3_loading(ds_config, t["global_batch_size"])
     torch.manual_seed(t["seed"])  # the same initial weights on every rank
     built = build_model(cfg["model"])
     torch.manual_seed(t["seed"] + 1 + dist.rank)  # the projector's noise differs across ranks
@@ -232,7 +228,7 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
     if t["max_steps"] is not None:
         total = min(total, t["max_steps"])
 
-    engine = build_engine(cfg, model, scheduler, stage, dist, accum)
+    engine = build_engine(cfg, model, scheduler, stage, dist, accum, ds_config)
     ckdir = out / "checkpoints"
     fingerprint = config_fingerprint(cfg)
     start = 0

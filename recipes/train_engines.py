@@ -29,6 +29,17 @@ DEEPSPEED_PRESETS = {name: CONFIGS / "deepspeed" / f"{name}.json"
 _MODEL_KEYS = ("images", "input_ids", "attention_mask", "labels", "question_ids", "question_mask")
 
 
+def _half_dtypes(params) -> str:
+    """The non-float32 dtypes among ``params`` ("bfloat16/float16"), empty when all are float32."""
+    return "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in params
+                            if p.dtype != torch.float32}))
+
+
+def zero_stage(config: dict[str, Any] | None) -> int:
+    """The ZeRO stage of a DeepSpeed configuration (0 without one)."""
+    return int((config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
 class _Engine:
     """Shared by both engines: learning rate, forward arguments, the checkpoint protocol."""
 
@@ -145,12 +156,11 @@ class TorchEngine(_Engine):
                                    "scaling); use bf16 or fp32 without DeepSpeed")
         groups = scheduler.enter(stage)
         self.params = [p for g in groups for p in g["params"]]
-        low = sorted({str(p.dtype).removeprefix("torch.") for p in self.params
-                      if p.dtype != torch.float32})
+        low = _half_dtypes(self.params)
         if low:
             # AdamW on half-precision weights rounds most small updates away (no fp32 master copy)
             raise TrainConfigError(
-                f"the stage trains {'/'.join(low)} weights, which plain PyTorch would update "
+                f"the stage trains {low} weights, which plain PyTorch would update "
                 f"without an fp32 master copy; set model.dtype=float32 with "
                 f"training.precision=bf16 (autocast), or use training.deepspeed")
         self.optimizer = torch.optim.AdamW(groups, betas=tuple(t["adam_betas"]))
@@ -180,24 +190,27 @@ class TorchEngine(_Engine):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        """The stage's parameters by their names in the model."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: p for p in self.params}
+
     def _save_state(self, ckdir: Path, tag: str) -> None:
         folder = ckdir / tag
         folder.mkdir(parents=True, exist_ok=True)
         if self.dist.rank == 0:
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            torch.save({"trainable": {names[id(p)]: p.detach().cpu() for p in self.params},
+            torch.save({"trainable": {n: p.detach().cpu() for n, p in self._trainable().items()},
                         "optimizer": self.optimizer.state_dict()}, folder / "state.pt")
 
     def _load_state(self, path: Path) -> None:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        named = dict(self.model.named_parameters())
-        mine = {n for n, p in named.items() if any(p is q for q in self.params)}
-        if set(state["trainable"]) != mine:
+        mine = self._trainable()
+        if set(state["trainable"]) != set(mine):
             raise TrainConfigError(f"checkpoint {str(path)!r} holds other trainable parameters "
                                    f"than this stage trains")
         with torch.no_grad():
             for name, value in state["trainable"].items():
-                named[name].copy_(value)
+                mine[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
 
 
@@ -206,19 +219,17 @@ class DeepSpeedEngine(_Engine):
 
     name = "deepspeed"
 
-    def __init__(self, model, scheduler, stage, dist, accum, t) -> None:
+    def __init__(self, model, scheduler, stage, dist, accum, t, config) -> None:
         super().__init__(model, scheduler, stage, dist, accum, t)
         from slime_adapters.integrations.deepspeed import engine_for_stage
 
-        low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
-                      if p.dtype != torch.float32})
+        low = _half_dtypes(model.parameters())
         if low and t["precision"] == "fp32":
             raise TrainConfigError(
-                f"the model holds {'/'.join(low)} weights but training.precision=fp32: DeepSpeed "
+                f"the model holds {low} weights but training.precision=fp32: DeepSpeed "
                 f"would update them without an fp32 master copy; set training.precision to "
                 f"bf16 / fp16, or model.dtype=float32")
-        config = deepspeed_config(t, accum)
-        self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+        self.zero_stage = zero_stage(config)
         optimizer = functools.partial(torch.optim.AdamW, betas=tuple(t["adam_betas"]))
         self.engine = engine_for_stage(model, scheduler, stage, config, optimizer_cls=optimizer)
         self._capture_base_lrs()
@@ -284,22 +295,22 @@ def deepspeed_config(t: dict[str, Any], accum: int) -> dict[str, Any]:
     return config
 
 
-def zero3_loading(t: dict[str, Any], accum: int):
-    """Under a ZeRO-3 configuration, transformers' ``HfDeepSpeedConfig`` for it (keep it alive while
-    models load: ``from_pretrained`` then builds them partitioned); ``None`` otherwise."""
-    if t["deepspeed"] is None:
-        return None
-    config = deepspeed_config(t, accum)
-    if int(config.get("zero_optimization", {}).get("stage", 0)) < 3:
+def zero3_loading(config: dict[str, Any] | None, global_batch: int):
+    """Under a ZeRO-3 configuration (:func:`deepspeed_config`'s), transformers'
+    ``HfDeepSpeedConfig`` for it (keep it alive while models load: ``from_pretrained`` then builds
+    them partitioned); ``None`` otherwise."""
+    if zero_stage(config) < 3:
         return None
     from transformers.integrations import HfDeepSpeedConfig
 
-    config["train_batch_size"] = t["global_batch_size"]
-    return HfDeepSpeedConfig(config)
+    return HfDeepSpeedConfig({**config, "train_batch_size": global_batch})
 
 
-def build_engine(cfg: dict[str, Any], model, scheduler, stage, dist: Distributed, accum: int):
-    """The engine the configuration asks for (DeepSpeed when ``training.deepspeed`` is set)."""
+def build_engine(cfg: dict[str, Any], model, scheduler, stage, dist: Distributed, accum: int,
+                 ds_config: dict[str, Any] | None = None):
+    """The engine the configuration asks for: DeepSpeed with ``ds_config`` (the
+    :func:`deepspeed_config` of ``training.deepspeed``), plain PyTorch without."""
     t = cfg["training"]
-    cls = DeepSpeedEngine if t["deepspeed"] is not None else TorchEngine
-    return cls(model, scheduler, stage, dist, accum, t)
+    if ds_config is not None:
+        return DeepSpeedEngine(model, scheduler, stage, dist, accum, t, ds_config)
+    return TorchEngine(model, scheduler, stage, dist, accum, t)

@@ -142,6 +142,7 @@ class MicroBatches(torch.utils.data.Dataset):
         return self._perms[epoch][first:first + self.micro]
 
     def __len__(self) -> int:
+        """Micro-batches in one epoch (``j`` past it reads the next epochs' orders)."""
         return self.per_epoch * self.accum
 
     def __getitem__(self, j: int) -> dict[str, Any]:
