@@ -190,10 +190,9 @@ class ChatTemplate:
             if name == "eos":
                 out.append(self._eos(tokenizer)[1])
                 continue
-            value = tokenizer.convert_tokens_to_ids(name)
-            unk = getattr(tokenizer, "unk_token_id", None)
-            if value is not None and (value != unk or name == tokenizer.unk_token):
-                out.append(int(value))
+            value = _known_token_id(tokenizer, name)
+            if value is not None:
+                out.append(value)
                 continue
             ids = _text_ids(tokenizer, name)
             if not ids:
@@ -309,13 +308,22 @@ def _show(tokenizer: Any, ids: list[int]) -> str:
     return repr(tokenizer.convert_ids_to_tokens(ids)) if ids else "(end)"
 
 
-def _token_id(tokenizer: Any, token: str, template: str) -> int:
+def _known_token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of ``token`` in the vocabulary; ``None`` when the tokenizer does not hold it (it maps
+    it to nothing, or to the unknown token)."""
     value = tokenizer.convert_tokens_to_ids(token)
     unk = getattr(tokenizer, "unk_token_id", None)
     if value is None or (unk is not None and value == unk and token != tokenizer.unk_token):
+        return None
+    return int(value)
+
+
+def _token_id(tokenizer: Any, token: str, template: str) -> int:
+    value = _known_token_id(tokenizer, token)
+    if value is None:
         raise TemplateError(f"template {template!r} needs the token {token!r}, which the "
                             f"tokenizer does not have (add it as a special token)")
-    return int(value)
+    return value
 
 
 def _check_turns(conversations: Sequence[Mapping[str, Any]], for_generation: bool,
