@@ -1,4 +1,4 @@
-"""Data for the recipes: LLaVA-format conversations, a generated task, prompts with answer-only loss.
+"""Data for the recipes: LLaVA-format conversations, a generated task, answer-only labels.
 
 A LLaVA-format record is ``{"id": ..., "image": "relative/path.png", "conversations": [{"from":
 "human", "value": "<image>\\nQuestion?"}, {"from": "gpt", "value": "Answer."}, ...]}``.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from recipes.templates import IMAGE_TOKEN, ChatTemplate, TemplateError, get_template
+from recipes.templates import IGNORE_INDEX, IMAGE_TOKEN, ChatTemplate, TemplateError, get_template
 from slime_adapters.config import atomic_write_text
 from slime_adapters.slicing import AdaptiveSlicer, SlicedImage, collate
 
@@ -207,10 +207,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 def collate_examples(examples: Sequence[Example], pad_id: int) -> dict[str, object]:
     """Batch examples: sliced images packed (no tile padding), text right-padded."""
     def pad(seqs, value):
-        out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
-        for i, s in enumerate(seqs):  # collation runs on the host, once per batch
-            out[i, :len(s)] = s
-        return out
+        return torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True,
+                                               padding_value=value)
 
     images = collate([e.image for e in examples])
     input_ids = pad([e.input_ids for e in examples], pad_id)
@@ -218,7 +216,7 @@ def collate_examples(examples: Sequence[Example], pad_id: int) -> dict[str, obje
         "images": images,
         "input_ids": input_ids,
         "attention_mask": (pad([torch.ones_like(e.input_ids) for e in examples], 0)),
-        "labels": pad([e.labels for e in examples], -100),
+        "labels": pad([e.labels for e in examples], IGNORE_INDEX),
         "question_ids": pad([e.question_ids for e in examples], pad_id),
         "question_mask": pad([torch.ones_like(e.question_ids) for e in examples], 0).bool(),
         "answers": [e.answer for e in examples],
