@@ -64,7 +64,7 @@ from recipes.model_config import (
     existing_folder,
     parse_model_config,
 )
-from recipes.model_folder import quiet_transformers, read_slime_json
+from recipes.model_folder import load_complete, quiet_transformers, read_slime_json
 from slime_adapters.adapter import SliMEVisualAdapter, SliMEVisualAdapterConfig
 from slime_adapters.schedule import RoleSpec, projector_roles
 
@@ -102,17 +102,8 @@ def _load_vision(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"{where}: {str(path)!r} holds a {model_type!r} model; expected one of "
                          f"{sorted(VISION_MODEL_TYPES)} (a full CLIP/SigLIP folder gives its "
                          "vision tower)")
-    return _from_pretrained(getattr(transformers, VISION_TYPES[kind][1]), path, where, dtype=dtype)
-
-
-def _from_pretrained(klass, path, where: str, **kwargs) -> nn.Module:
-    # the load report is silenced: missing weights are an error here, not a warning
-    with quiet_transformers():
-        model, info = klass.from_pretrained(path, output_loading_info=True, **kwargs)
-    if info.get("missing_keys"):
-        raise ValueError(f"{where}: {str(path)!r} lacks weights for "
-                         f"{sorted(info['missing_keys'])}")
-    return model
+    return load_complete(getattr(transformers, VISION_TYPES[kind][1]), path, where=where,
+                         dtype=dtype)
 
 
 def _model_type(path: Path, where: str) -> str | None:
@@ -193,7 +184,7 @@ def _load_llm(spec: dict[str, Any], tokenizer, dtype: torch.dtype) -> nn.Module:
         where = f"{TOP}.llm.path"
         path = existing_folder(llm["path"], where)
         gguf = _gguf(path, llm["gguf_file"], f"{TOP}.llm.gguf_file")
-        model = _from_pretrained(transformers.AutoModelForCausalLM, path, where, dtype=dtype,
+        model = load_complete(transformers.AutoModelForCausalLM, path, where=where, dtype=dtype,
                                  **gguf)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))

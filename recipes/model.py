@@ -41,6 +41,7 @@ from recipes.model_folder import (
     FORMAT_VERSION,
     SLIME_JSON,
     fresh_sibling,
+    load_complete,
     quiet_transformers,
     read_slime_json,
     replace_folder,
@@ -301,8 +302,8 @@ class SliMEForCausalLM(nn.Module):
                                  "transformers model class")
             classes[key] = klass
         with quiet_transformers():
-            vision = _load_hf(classes["vision_class"], directory / "vision")
-            llm = _load_hf(classes["llm_class"], directory / "llm")
+            vision = load_complete(classes["vision_class"], directory / "vision")
+            llm = load_complete(classes["llm_class"], directory / "llm")
             if meta["lora"]:
                 from peft import PeftModel
 
@@ -316,13 +317,6 @@ class SliMEForCausalLM(nn.Module):
                     feature_layer=meta["feature_layer"], drop_cls=meta["drop_cls"],
                     separator_token_id=meta["separator_token_id"], build_config=meta["config"])
         return model.eval(), tokenizer
-
-
-def _load_hf(klass, folder: Path):
-    model, info = klass.from_pretrained(folder, output_loading_info=True)
-    if info.get("missing_keys"):
-        raise ValueError(f"{str(folder)!r} lacks weights for {sorted(info['missing_keys'])}")
-    return model
 
 
 def _is_peft(module: nn.Module) -> bool:

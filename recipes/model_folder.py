@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "SLIME_JSON", "fresh_sibling", "quiet_transformers",
-           "read_slime_json", "replace_folder"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "SLIME_JSON", "fresh_sibling", "load_complete",
+           "quiet_transformers", "read_slime_json", "replace_folder"]
 
 FORMAT = "slime-adapters/full-model"
 FORMAT_VERSION = 1
@@ -87,6 +87,22 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def load_complete(klass, path: str | os.PathLike[str], *, where: str | None = None, **kwargs):
+    """``klass.from_pretrained(path, **kwargs)`` with transformers' load report silenced and
+    missing weights an error instead of a warning (``where`` prefixes the message).
+
+    Raises:
+        ValueError: the folder lacks weights the model has.
+    """
+    with quiet_transformers():
+        model, info = klass.from_pretrained(path, output_loading_info=True, **kwargs)
+    if info.get("missing_keys"):
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{str(path)!r} lacks weights for "
+                         f"{sorted(info['missing_keys'])}")
+    return model
 
 
 def fresh_sibling(target: Path, tag: str) -> Path:
