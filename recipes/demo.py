@@ -111,9 +111,7 @@ def evaluate(model, dataset, tokenizer, *, views: str, batch_size: int) -> dict[
         visual = model.visual_tokens(batch["images"], question_ids=batch["question_ids"],
                                      question_mask=batch["question_mask"], views=views)
         new = model.generate(images=batch["images"], input_ids=ids, attention_mask=mask.long(),
-                             question_ids=batch["question_ids"],
-                             question_mask=batch["question_mask"], max_new_tokens=1,
-                             views=views)
+                             max_new_tokens=1, visual=visual)  # the encoder ran once, above
         answers = tokenizer.convert_ids_to_tokens(new[:, 0].tolist())
         correct += sum(a == b for a, b in zip(answers, batch["answers"]))
         total += len(examples)
