@@ -23,7 +23,7 @@ from slime_adapters.adapter import SliMEVisualAdapterConfig
 from slime_adapters.config import ConfigBase
 
 __all__ = ["DTYPES", "LLM_TYPES", "LORA_DEFAULTS", "VISION_MODEL_TYPES", "VISION_TYPES",
-           "existing_folder", "parse_model_config"]
+           "existing_folder", "matches_types", "parse_model_config", "type_names"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # type word -> (HF config class, HF model class, has a CLS token)
@@ -50,11 +50,19 @@ def _keys(d: Mapping[str, Any], allowed: typing.Iterable[str], where: str) -> No
             raise ValueError(f"{where}.{key}: unknown key (expected one of {sorted(allowed)})")
 
 
+def matches_types(value: Any, types: tuple[type, ...]) -> bool:
+    """``isinstance(value, types)``, except that a bool is no int unless ``bool`` is named."""
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def type_names(types: tuple[type, ...]) -> str:
+    """``"int or null"`` for ``(int, NoneType)``: the types as an error message says them."""
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
 def _typed(value: Any, types: tuple[type, ...], where: str) -> Any:
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-    if not ok:
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise ValueError(f"{where} must be {names}, got {value!r}")
+    if not matches_types(value, types):
+        raise ValueError(f"{where} must be {type_names(types)}, got {value!r}")
     return value
 
 

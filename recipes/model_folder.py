@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from recipes.model_config import matches_types, type_names
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "SLIME_JSON", "fresh_sibling", "load_complete",
            "quiet_transformers", "read_slime_json", "replace_folder"]
 
@@ -63,9 +65,8 @@ def read_slime_json(directory: str | os.PathLike[str]) -> dict[str, Any]:
         if key not in meta:
             raise ValueError(f"{str(path)!r}: missing key {key!r}")
         value = meta[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise ValueError(f"{str(path)!r}: {key} must be {names}, got {value!r}")
+        if not matches_types(value, types):
+            raise ValueError(f"{str(path)!r}: {key} must be {type_names(types)}, got {value!r}")
     if meta["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{str(path)!r}: format_version {meta['format_version']} is newer than "
                          f"this version reads ({FORMAT_VERSION}); upgrade slime-adapters")

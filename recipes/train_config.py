@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from recipes.model_config import matches_types, type_names
+
 __all__ = ["DEFAULTS", "PRESETS", "TrainConfigError", "apply_overrides", "load_config"]
 
 PRESETS = ("paper", "reference", "alternating")
@@ -182,18 +184,12 @@ def _check_section(name: str, given: Any) -> dict[str, Any]:
                 value = out[key] = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) and bool not in types:
-            raise TrainConfigError(f"{dotted} must be {_names(types)}, got a bool")
-        if not isinstance(value, types):
-            raise TrainConfigError(f"{dotted} must be {_names(types)}, got "
-                                   f"{type(value).__name__} {value!r}")
+        if not matches_types(value, types):
+            got = "a bool" if isinstance(value, bool) else f"{type(value).__name__} {value!r}"
+            raise TrainConfigError(f"{dotted} must be {type_names(types)}, got {got}")
         if dotted in _CHOICES and value not in _CHOICES[dotted]:
             raise TrainConfigError(f"{dotted}={value!r}, expected one of {list(_CHOICES[dotted])}")
     return out
-
-
-def _names(types: tuple[type, ...]) -> str:
-    return " or ".join(t.__name__ for t in types)
 
 
 def _check_values(cfg: dict[str, Any]) -> None:
