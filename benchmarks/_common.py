@@ -68,7 +68,9 @@ def git_commit() -> str:
     """Short hash of HEAD, ``-dirty`` appended when tracked files changed; outside git (a copy of
     the tree on a device machine) ``SLIME_COMMIT`` when set, else ``nogit``."""
     given = os.environ.get("SLIME_COMMIT", "").strip()
-    if given and re.fullmatch(r"[0-9A-Za-z._-]{1,64}", given) and not (REPO_ROOT / ".git").exists():
+    # only a name that is safe inside a file name counts
+    given = given if re.fullmatch(r"[0-9A-Za-z._-]{1,64}", given) else ""
+    if given and not (REPO_ROOT / ".git").exists():
         return given
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
@@ -76,7 +78,7 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return given if given and re.fullmatch(r"[0-9A-Za-z._-]{1,64}", given) else "nogit"
+        return given or "nogit"
     return head + ("-dirty" if dirty.strip() else "")
 
 
