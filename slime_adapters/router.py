@@ -22,9 +22,18 @@ Selection rule (per image, vectorised over the batch with one sort, one cumsum a
 
 1. ``legacy_softmax`` only: s ← softmax(s / 0.5) over the valid image tokens (checkpoints released
    before Nov 2024 were trained with this extra softmax).
-2. s ← s + ε, with ε the ``noise`` argument when given (any mode), else ε ~ N(0, noise_std²) in
-   training mode, else 0.
+2. s ← s + ε, with ε the ``noise`` argument when given (any mode, in score units), else
+   ε = temperature · ξ, ξ ~ N(0, noise_std²), in training mode, else 0.
 3. p = softmax(s / temperature) over the valid image tokens (masked tokens get p = 0).
+
+Training noise (paper §2.2: it keeps the selection diverse; it must not change how many tokens are
+kept or which kind) is drawn in the units the softmax sees: the logits s / temperature move by
+ξ ~ N(0, noise_std²) whatever the temperature. It reorders tokens whose logits lie within about
+``noise_std`` of each other and leaves the scale alone, so training keeps about as many tokens,
+and the same kind, as evaluation (at the default 0.1, within a factor 1.5 of eval's kept fraction
+at temperatures 1 to 0.02 on planted-signal features, ``tests/test_router_noise.py``). Noise of a
+fixed std on the raw scores, divided by the temperature afterwards, grows to several logits at the
+selective temperatures (0.01–0.1) and changes the kept count by tens of percent.
 4. Sort the valid tokens by p, descending; equal probabilities keep their raster order (a stable
    sort: lower index first). Masked tokens always sort after every valid token.
 5. K = the length of the smallest prefix whose cumulative sum reaches γ (``crossing="reach"``:
@@ -159,8 +168,9 @@ class RouterOutput(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class CosineTokenRouterConfig(ConfigBase):
-    """Configuration of :class:`CosineTokenRouter` (its constructor keywords). Raises ValueError
-    on an unknown option or an out-of-range number."""
+    """Configuration of :class:`CosineTokenRouter` (its constructor keywords). ``noise_std`` is
+    the std of the training noise on the logits ``scores / temperature``. Raises ValueError on an
+    unknown option or an out-of-range number."""
 
     kind: ClassVar[str] = "cosine_token_router"
     gamma: float = 0.95
@@ -270,7 +280,8 @@ class CosineTokenRouter(ConfigurableMixin, nn.Module):
     """Parameter-free router keeping, per image, the tokens whose softmaxed cosine score with the
     question adds up to γ (see the module docstring for the exact rule and what each setting keeps).
 
-    Keywords: ``gamma`` in (0, 1]; ``noise_std`` of the training noise on the scores; ``text_pool``
+    Keywords: ``gamma`` in (0, 1]; ``noise_std`` of the training noise, in logit units (the
+    scores divided by the temperature; see the module docstring); ``text_pool``
     ``"mean"`` (paper) or ``"sum"`` (released code); ``temperature`` > 0 of the selection softmax;
     ``min_keep``/``max_keep`` bounds on the kept count; ``legacy_softmax`` the released pre-Nov-2024
     extra softmax(·/0.5); ``crossing`` ``"reach"`` (cumsum ≥ γ) or ``"exceed"`` (cumsum > γ, the
@@ -410,7 +421,8 @@ class CosineTokenRouter(ConfigurableMixin, nn.Module):
         if noise is not None:
             scores = scores + noise.detach().to(scores.dtype)
         elif self.training and cfg.noise_std > 0:
-            scores = scores + torch.randn_like(scores) * cfg.noise_std
+            # noise_std in logit units: scaled by the temperature the scores are divided by next
+            scores = scores + torch.randn_like(scores) * (cfg.noise_std * cfg.temperature)
         probs = _masked_softmax(scores / cfg.temperature, valid)
 
         # masked tokens sort after every valid one (p >= 0 > -1); stable: ties keep raster order

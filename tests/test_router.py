@@ -223,7 +223,7 @@ def test_legacy_softmax_keeps_about_gamma_whatever_the_scores():
 
 def test_training_noise_is_drawn_only_in_training():
     x, t, im, tm = _batch(2, 200, 5, 16, seed=9)
-    router = CosineTokenRouter(gamma=0.5, temperature=0.02, noise_std=0.1)
+    router = CosineTokenRouter(gamma=0.5, temperature=0.02, noise_std=1.0)
     router.eval()
     a = router(x, t, image_mask=im, text_mask=tm)
     assert torch.equal(a.keep_mask, router(x, t, image_mask=im, text_mask=tm).keep_mask)
@@ -231,7 +231,7 @@ def test_training_noise_is_drawn_only_in_training():
     torch.manual_seed(0)
     b = router(x, t, image_mask=im, text_mask=tm)
     torch.manual_seed(0)
-    noise = torch.randn(2, 200, dtype=torch.float64) * 0.1
+    noise = torch.randn(2, 200, dtype=torch.float64) * (1.0 * 0.02)  # noise_std · T
     keep, probs = router_reference(x, t, image_mask=im, text_mask=tm, gamma=0.5, temperature=0.02,
                                    noise=noise)
     _assert_same_keep(b, keep, probs)
