@@ -1,5 +1,6 @@
 # Two entry points, both self-contained on a fresh machine:
-#   make demo   runs the embedded end-to-end job (no download)
+#   make demo       the demo: global-only, slime and slime at gamma = 1 on a generated detail task
+#   make demo-full  the full ablation (adds slime-joint and local-only, 3 seeds each)
 #   make test   runs the whole test suite
 # Each creates .venv when it is missing or when pyproject.toml changed since it was built.
 PYTHON ?= python3
@@ -15,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all venv test demo bench clean
+.PHONY: all venv test demo demo-full bench clean
 
 all: test
 
@@ -31,6 +32,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m recipes.demo
+
+demo-full: $(STAMP)
+	$(BIN)/python -m recipes.demo --ablation --out runs/demo-full
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all

@@ -1,228 +1,373 @@
-"""The embedded default job: train a tiny SliME model end to end through the staged schedule.
+"""The demo: does SliME read detail that the 336-px global view misses, at fewer tokens?
 
-``make demo`` (or ``python -m recipes.demo``) runs, on a 2-core CPU in a few minutes and with no
-download:
+``make demo`` (``python -m recipes.demo``) runs on a CPU, with no download:
 
-1. generates a LLaVA-format dataset: images of varied sizes with one coloured square among a few
-   low-contrast distractors, and the question "what color is the square?"
-   (:func:`recipes.data.make_color_dataset`);
-2. builds a tiny model from configs: a randomly initialised CLIP vision encoder, the SliME adapter
-   (noisy MoE projector, query compressor, cosine router) and a tiny Llama, with a word-level
-   tokenizer made in code;
-3. trains through the paper's stages (I: projector on global views; II: compressor on local
-   tiles, projector frozen; III: everything on both views), one optimizer per stage over exactly
-   the parameters the stage trains. The paper keeps its pretrained encoder frozen; this encoder
-   starts from random weights, so stage III trains it too (``--no-train-vision`` freezes it);
-4. evaluates answer accuracy on held-out images with global views only and with both views, and
-   reports visual-token counts and the router's keep rate;
-5. saves the adapter (safetensors + JSON) and ``report.json`` under ``--out``.
+1. writes the generated detail task (:mod:`recipes.detail_task`; train / val / test, written once
+   and reused): small squares that stay 14 px wide in the 336-px tiles and shrink to about 5 px in
+   the global view of the larger images, with ``detail`` and ``global`` questions;
+2. stage 0 (:mod:`recipes.demo_stage0`): trains the tiny vision encoder once, caches it in
+   ``<out>/stage0`` and freezes it for every variant, as the paper keeps its CLIP frozen; every
+   view is encoded once and the variants train on the cached features;
+3. trains the variants on the same data, steps and seeds (models built by
+   :func:`recipes.build.build_model` from :data:`MODEL`, stages run by
+   :class:`slime_adapters.AlternatingScheduler`):
 
-Measured on a 2-core CPU with the defaults (about 2.5 minutes): loss 1.07 → 0.35 in stage III and
-56% held-out accuracy with both views (chance 17%); the model trained on both views does not
-answer from the global view alone (10%): the 336-px global view shrinks the square, the tiles keep
-it.
+   - ``global-only``: global views only (LLaVA-1.5-like): the projector, then projector + LLM;
+   - ``slime``: the paper's stages I (projector, global) → II (compressor, local) → III (all but
+     the encoder, both views), the router at its γ;
+   - ``slime-all-local``: the same trained ``slime`` model evaluated at γ = 1 (every local token);
+   - with ``--ablation`` also ``slime-joint`` (everything from the start, both views: the paper's
+     end-to-end baseline) and ``local-only`` (tiles only), each over ``--seeds`` seeds (3);
+
+4. evaluates every variant on the held-out test images and prints one table (accuracy on
+   ``detail`` and ``global`` questions by image-size bucket, visual tokens per image, the local
+   tokens the router keeps), written with ``report.json`` and a PNG into ``--out``.
+
+Everything that calls the model sits in the "model calls" section below.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
 import json
-import math
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from recipes.data import LlavaJsonDataset, build_word_tokenizer, collate_examples, make_color_dataset
-from recipes.model import SliMEForCausalLM
-from slime_adapters import (
-    AdaptiveSlicer,
-    AlternatingScheduler,
-    CosineTokenRouterConfig,
-    NoisyMoEProjectorConfig,
-    QueryCompressorConfig,
-    SliMEVisualAdapter,
-    SliMEVisualAdapterConfig,
-    paper_stages,
-    projector_roles,
-    save_module,
-)
-from slime_adapters.config import atomic_write_text
-from slime_adapters.schedule import RoleSpec
+from recipes import detail_task as task
+from recipes.build import build_model
+from recipes.data import LlavaJsonDataset, build_word_tokenizer
+from recipes.demo_report import summarise, write_outputs
+from recipes.demo_stage0 import ImageFeatures, encode_images, stage0_encoder
+from slime_adapters import AdaptiveSlicer, AlternatingScheduler, Stage, paper_stages
+from slime_adapters.splice import splice_into_embeddings
 
-VISION_DIM, LLM_DIM, PATCH, TILE = 64, 128, 42, 336  # 8 x 8 = 64 tokens per view
+VARIANTS = ("global-only", "slime", "slime-all-local")
+ABLATION = ("slime-joint", "local-only")
+PROJECTOR = ("mlp_expert", "query_expert", "gate")
+ADAPTER_AND_LLM = (*PROJECTOR, "compressor", "llm")
 
 
-def build_model(tokenizer, *, num_queries: int = 16, gamma: float = 0.8,
-                temperature: float = 0.05) -> SliMEForCausalLM:
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
-    vision = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=VISION_DIM, intermediate_size=2 * VISION_DIM, num_hidden_layers=2,
-        num_attention_heads=4, image_size=TILE, patch_size=PATCH))
-    llm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=LLM_DIM, intermediate_size=2 * LLM_DIM,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    tokens_per_view = (TILE // PATCH) ** 2
-    adapter = SliMEVisualAdapter.from_config(SliMEVisualAdapterConfig(
-        projector=NoisyMoEProjectorConfig(in_dim=VISION_DIM, out_dim=LLM_DIM,
-                                          num_tokens=tokens_per_view, num_heads=2),
-        compressor=QueryCompressorConfig(dim=VISION_DIM, num_queries=num_queries, num_heads=2),
-        router=CosineTokenRouterConfig(gamma=gamma, temperature=temperature),
-    ))
-    return SliMEForCausalLM(vision=vision, adapter=adapter, llm=llm,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-
-
-def roles_of(model: SliMEForCausalLM) -> dict[str, object]:
-    """Scheduler roles: the projector's three experts/gate, the local path, the LLM, the encoder."""
+def model_config(vocab_size: int, *, gamma: float, temperature: float) -> dict:
+    """The ``model:`` dict the builder reads: a 2-layer CLIP (144 tokens per 336-px view), the
+    SliME adapter (16 queries per tile) and a 2-layer Llama over the task's words."""
     return {
-        **projector_roles(model.adapter.projector),
-        "compressor": RoleSpec(model.adapter, ("compressor", "separator", "local_mlp")),
-        "llm": model.llm,
-        "vision": model.vision,
+        "vision": {"type": "clip", "config": {
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "image_size": task.TILE, "patch_size": 28}},
+        "feature_layer": -1,  # the tiny encoder's last layer: stage 0 trains it for the adapter
+        "llm": {"type": "llama", "config": {
+            "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "vocab_size": vocab_size}},
+        "tokenizer": {"type": "word"},
+        "adapter": {"projector": {"num_heads": 2},
+                    "compressor": {"num_queries": 16, "num_heads": 2},
+                    "router": {"gamma": gamma, "temperature": temperature}},
     }
 
 
-def _batches(dataset, batch_size: int, pad_id: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(dataset), generator=g).tolist()
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate_examples([dataset[j] for j in order[i:i + batch_size]], pad_id)
+def task_tokenizer(built_tokenizer):
+    """The word tokenizer with the task's words added after the builder's own (same ids)."""
+    tok = build_word_tokenizer(extra_words=task.TASK_WORDS)
+    base, ext = built_tokenizer.get_vocab(), tok.get_vocab()
+    if any(ext.get(w) != i for w, i in base.items()):
+        raise RuntimeError("the task tokenizer must keep the builder's word ids")
+    return tok
+
+
+# =========================================================================== model calls
+# Every call into the model lives here: the view encoder (stage 0 and the feature cache), the
+# visual tokens of cached features, the training loss, and the answers of a batch.
+
+def encode_views(model, pixels):
+    """``(v, 3, T, T)`` normalised views → ``(v, s, dv)`` the features the adapter reads."""
+    return model.encode_views(pixels)
+
+
+def visual_tokens(model, batch, *, views: str, router_gamma=None, force_expert=None):
+    text = model.llm.get_input_embeddings()(batch.question_ids)
+    return model.adapter(batch.global_feats if views != "local" else None,
+                         batch.tile_feats if views != "global" else None, grids=batch.grids,
+                         text_embeds=text, text_mask=batch.question_mask, views=views,
+                         force_expert=force_expert, router_gamma=router_gamma)
+
+
+def training_loss(model, batch, visual):
+    embeds = model.llm.get_input_embeddings()(batch.input_ids)
+    spliced = splice_into_embeddings(embeds, batch.input_ids, model.image_token_id, visual,
+                                     labels=batch.labels, attention_mask=batch.attention_mask)
+    out = model.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                    position_ids=spliced.position_ids, labels=spliced.labels)
+    aux = visual.aux.aux_loss
+    return out.loss if aux is None else out.loss + aux
+
+
+def answer_ids(model, batch, visual):
+    """The first answer token of every prompt (greedy)."""
+    new = model.generate(images=None, input_ids=batch.prompt_ids,
+                         attention_mask=batch.prompt_mask, max_new_tokens=1, visual=visual)
+    return new[:, 0]
+# ======================================================================= end of model calls
+
+
+@dataclass
+class Batch:
+    global_feats: torch.Tensor
+    tile_feats: torch.Tensor
+    grids: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    question_ids: torch.Tensor
+    question_mask: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    answers: list[str]
+    records: list[dict]
+
+
+class Records:
+    """A split's records, tokenised once by the ``qa`` template, with their cached features."""
+
+    def __init__(self, index: Path, tokenizer, slicer, features: dict[str, ImageFeatures]):
+        ds = LlavaJsonDataset(index, tokenizer=tokenizer, slicer=slicer)  # checks every record
+        self.records, self.features, self.pad = ds.records, features, tokenizer.pad_token_id
+        self.encoded = [ds.template.encode(tokenizer, r["conversations"],
+                                           image_token=ds.image_token) for r in ds.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def batch(self, idx: list[int]) -> Batch:
+        def pad(seqs, value):
+            return torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs],
+                                                   batch_first=True, padding_value=value)
+
+        recs = [self.records[i] for i in idx]
+        enc = [self.encoded[i] for i in idx]
+        feats = [self.features[r["image"]] for r in recs]
+        ids = pad([e.input_ids for e in enc], self.pad)
+        labels = pad([e.labels for e in enc], -100)
+        q = [e.question_ids for e in enc]
+        prompt_len = torch.tensor([next(i for i, v in enumerate(e.labels) if v != -100)
+                                   for e in enc])
+        prompt_mask = torch.arange(ids.shape[1])[None] < prompt_len[:, None]
+        return Batch(
+            global_feats=torch.stack([f.global_view for f in feats]),
+            tile_feats=torch.cat([f.tiles for f in feats]),
+            grids=torch.tensor([f.grid for f in feats]),
+            input_ids=ids, attention_mask=pad([[1] * len(e.input_ids) for e in enc], 0),
+            labels=labels, question_ids=pad(q, self.pad),
+            question_mask=pad([[1] * len(s) for s in q], 0).bool(),
+            prompt_ids=torch.where(prompt_mask, ids, self.pad), prompt_mask=prompt_mask.long(),
+            answers=[r["conversations"][1]["value"] for r in recs], records=recs)
+
+    def stream(self, batch_size: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(len(self), generator=g).tolist()
+            for i in range(0, len(order) - batch_size + 1, batch_size):
+                yield self.batch(order[i:i + batch_size])
+
+
+def variant_stages(variant: str, steps: tuple[int, int, int], lr: float) -> list[Stage]:
+    """The stages of a trained variant; every variant runs ``sum(steps)`` steps in all."""
+    s1, s2, s3 = steps
+    if variant == "slime":
+        return paper_stages(roles=ADAPTER_AND_LLM, adapter_lr=lr, finetune_lr=lr,
+                            steps={"I": s1, "II": s2, "III": s3})
+    if variant == "global-only":
+        return [Stage("I", PROJECTOR, views="global", lr=lr, steps=s1),
+                Stage("III-global", (*PROJECTOR, "llm"), views="global", lr=lr, steps=s2 + s3)]
+    if variant == "local-only":
+        return [Stage("II-local", ("mlp_expert", "compressor"), views="local", lr=lr,
+                      steps=s1 + s2),
+                Stage("III-local", ("mlp_expert", "compressor", "llm"), views="local", lr=lr,
+                      steps=s3)]
+    if variant == "slime-joint":
+        return [Stage("joint", ADAPTER_AND_LLM, views="both", lr=lr, steps=s1 + s2 + s3)]
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def train_variant(model, roles, stages, data: Records, args, seed: int, label: str) -> list[dict]:
+    scheduler = AlternatingScheduler(roles, stages, model=model)
+    batches = data.stream(args.batch_size, seed)
+    history = []
+    for index, stage in enumerate(scheduler.stages):
+        optimizer = torch.optim.AdamW(scheduler.enter(index), weight_decay=0.0)
+        model.train()
+        losses, kept, offered, t0 = [], 0, 0, time.perf_counter()
+        bar = tqdm(range(stage.steps), desc=f"{label} stage {stage.name}", unit="step",
+                   dynamic_ncols=True, disable=args.quiet, leave=False)
+        for _ in bar:
+            batch = next(batches)
+            visual = visual_tokens(model, batch, views=scheduler.views,
+                                   router_gamma=scheduler.router_gamma,
+                                   force_expert=scheduler.force_expert)
+            loss = training_loss(model, batch, visual)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{label} stage {stage.name}: the loss became {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if visual.aux.num_kept is not None:
+                kept += int(visual.aux.num_kept.sum())
+                offered += int(visual.aux.num_local.sum())
+            post = {"loss(last 20)": f"{sum(losses[-20:]) / len(losses[-20:]):.3f}"}
+            if offered:
+                post["keep"] = f"{kept / offered:.2f}"
+            bar.set_postfix(post)
+        bar.close()
+        k = max(1, len(losses) // 5)
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        fell = last < first
+        history.append({"variant": label, "seed": seed, "stage": stage.name,
+                        "views": stage.views, "steps": len(losses), "loss_window": k,
+                        "loss_first": first, "loss_last": last, "loss_fell": fell,
+                        "keep_fraction": kept / offered if offered else None,
+                        "seconds": time.perf_counter() - t0})
+        keep = f", router kept {kept / offered:.0%} of local tokens" if offered else ""
+        flag = "" if fell else "   <-- the loss did not fall in this stage"
+        print(f"{label} stage {stage.name:10s} views={stage.views:6s} loss, mean of the first "
+              f"{k} steps -> last {k}: {first:.2f} -> {last:.2f} ({len(losses)} steps, "
+              f"{time.perf_counter() - t0:.0f} s{keep}){flag}")
+    return history
 
 
 @torch.no_grad()
-def evaluate(model, dataset, tokenizer, *, views: str, batch_size: int) -> dict[str, float]:
+def evaluate(model, data: Records, tokenizer, *, views: str, router_gamma, batch_size: int):
+    """One entry per test record: correct?, kind, size bucket, visual tokens, kept / offered."""
     model.eval()
-    correct = total = 0
-    tokens, kept, offered = [], [], []
-    for i in range(0, len(dataset), batch_size):
-        examples = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
-        batch = collate_examples(examples, tokenizer.pad_token_id)
-        # prompts only: cut each sequence before its answer (labels mark the answer)
-        prompt_len = (batch["labels"] == -100).long().cumprod(1).sum(1)
-        ids = batch["input_ids"].clone()
-        mask = torch.arange(ids.shape[1])[None] < prompt_len[:, None]
-        ids[~mask] = tokenizer.pad_token_id
-        visual = model.visual_tokens(batch["images"], question_ids=batch["question_ids"],
-                                     question_mask=batch["question_mask"], views=views)
-        new = model.generate(images=batch["images"], input_ids=ids, attention_mask=mask.long(),
-                             max_new_tokens=1, visual=visual)  # the encoder ran once, above
-        answers = tokenizer.convert_ids_to_tokens(new[:, 0].tolist())
-        correct += sum(a == b for a, b in zip(answers, batch["answers"]))
-        total += len(examples)
-        tokens += visual.lengths.tolist()
-        if visual.aux.num_kept is not None:
-            kept += visual.aux.num_kept.tolist()
-            offered += visual.aux.num_local.tolist()
-    out = {"accuracy": correct / total, "visual_tokens_per_image": sum(tokens) / len(tokens)}
-    if offered:
-        out["router_keep_rate"] = sum(kept) / max(sum(offered), 1)
+    out = []
+    for i in range(0, len(data), batch_size):
+        batch = data.batch(list(range(i, min(i + batch_size, len(data)))))
+        visual = visual_tokens(model, batch, views=views, router_gamma=router_gamma)
+        pred = tokenizer.convert_ids_to_tokens(answer_ids(model, batch, visual).tolist())
+        kept = visual.aux.num_kept.tolist() if visual.aux.num_kept is not None else None
+        local = visual.aux.num_local.tolist() if visual.aux.num_local is not None else None
+        for j, rec in enumerate(batch.records):
+            out.append({"correct": pred[j] == batch.answers[j], "kind": rec["kind"],
+                        "size_bucket": rec["size_bucket"],
+                        "visual_tokens": int(visual.lengths[j]),
+                        "kept": kept[j] if kept else 0, "local": local[j] if local else 0})
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="output folder (data, adapter, report)")
-    parser.add_argument("--train", type=int, default=320, help="generated training images")
-    parser.add_argument("--eval", type=int, default=48, help="generated evaluation images")
-    parser.add_argument("--steps", type=int, nargs=3, default=(40, 40, 400), metavar=("I", "II", "III"),
-                        help="optimizer steps of stages I, II, III")
-    parser.add_argument("--square", type=int, default=56, help="side of the coloured square, px")
-    parser.add_argument("--clutter", type=int, default=4,
-                        help="low-contrast distractor rectangles per image")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3,
-                        help="learning rate of every stage (the paper's 2e-5 for stage III is for a "
-                             "pretrained LLM; the demo's LLM starts from random weights)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=True,
-                        help="also train the (randomly initialised) vision encoder in stage III")
-    parser.add_argument("--check-loss", action=argparse.BooleanOptionalAction, default=True,
-                        help="fail unless the loss fell in every stage")
-    args = parser.parse_args(argv)
-    if args.train < args.batch_size or args.eval < 1:
-        parser.error("--train must be at least --batch-size and --eval at least 1")
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo", help="output folder (data, encoder, report)")
+    p.add_argument("--train", type=int, default=320, help="generated training images")
+    p.add_argument("--val", type=int, default=32, help="generated validation images (stage 0)")
+    p.add_argument("--test", type=int, default=160, help="generated held-out test images")
+    p.add_argument("--steps", type=int, nargs=3, default=(100, 100, 400),
+                   metavar=("I", "II", "III"), help="optimizer steps of stages I, II, III; every "
+                   "variant trains for their sum")
+    p.add_argument("--stage0-steps", type=int, default=200)
+    p.add_argument("--stage0-batch", type=int, default=32, help="views per stage-0 step")
+    p.add_argument("--stage0-pool", type=int, default=512,
+                   help="336-px pictures of the task drawn once for stage 0")
+    p.add_argument("--stage0-lr", type=float, default=4e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of every stage")
+    p.add_argument("--gamma", type=float, default=0.9, help="router γ of the slime variants")
+    p.add_argument("--temperature", type=float, default=0.1, help="router temperature")
+    p.add_argument("--ablation", action="store_true",
+                   help="also train slime-joint and local-only, over --seeds seeds")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (1; 3 with "
+                   "--ablation)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared or 2-core machine more threads wait "
+                        "on each other; measured 4-9x slower with 2 under load)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    for name in ("train", "val", "test", "threads", "stage0_steps", "stage0_batch", "stage0_pool",
+                 "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if min(args.steps) < 1:
+        p.error(f"--steps must be three numbers >= 1, got {' '.join(map(str, args.steps))}")
+    if args.train * 2 < args.batch_size:
+        p.error(f"--train {args.train} images give {2 * args.train} records, fewer than "
+                f"--batch-size {args.batch_size}")
+    if not (0 < args.gamma <= 1 and args.temperature > 0 and args.lr > 0 and args.stage0_lr > 0):
+        p.error("--gamma must lie in (0, 1], --temperature and the learning rates above 0")
+    args.seeds = args.seeds if args.seeds is not None else (3 if args.ablation else 1)
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {args.seeds}")
+    return args
 
-    torch.manual_seed(args.seed)
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)  # every argument is checked before anything is written
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
-    t0 = time.perf_counter()
-    train_index = make_color_dataset(out / "data" / "train", args.train, seed=args.seed,
-                                     square=args.square, clutter=args.clutter)
-    eval_index = make_color_dataset(out / "data" / "eval", args.eval, seed=args.seed + 1,
-                                    square=args.square, clutter=args.clutter)
-    tokenizer = build_word_tokenizer()
-    slicer = AdaptiveSlicer(tile_size=TILE, max_tiles=6)
-    train = LlavaJsonDataset(train_index, tokenizer=tokenizer, slicer=slicer)
-    held_out = LlavaJsonDataset(eval_index, tokenizer=tokenizer, slicer=slicer)
-    print(f"data: {len(train)} training and {len(held_out)} evaluation images in {out / 'data'}")
+    indices = {split: task.make_detail_dataset(out / "data" / split, n, seed=seed)
+               for split, n, seed in (("train", args.train, 0), ("val", args.val, 1),
+                                      ("test", args.test, 2))}
+    slicer = AdaptiveSlicer(tile_size=task.TILE, max_tiles=task.MAX_TILES)
+    print(f"data: {args.train} / {args.val} / {args.test} train / val / test images "
+          f"(2 questions each) in {out / 'data'}")
 
-    model = build_model(tokenizer)
-    roles = roles_of(model)
-    stages = paper_stages(roles=[r for r in roles if r != "vision"], adapter_lr=args.lr,
-                          finetune_lr=args.lr, steps=dict(zip(("I", "II", "III"), args.steps)))
-    if args.train_vision:
-        # The paper keeps its pretrained encoder frozen; this one starts from random weights.
-        stages[-1] = dataclasses.replace(stages[-1], trainable=(*stages[-1].trainable, "vision"))
-    scheduler = AlternatingScheduler(roles, stages, model=model)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
-          f"(adapter {sum(p.numel() for p in model.adapter.parameters()) / 1e6:.2f} M)")
+    def build(seed: int):
+        torch.manual_seed(seed)
+        probe = build_word_tokenizer()
+        cfg = model_config(len(build_word_tokenizer(extra_words=task.TASK_WORDS)),
+                           gamma=args.gamma, temperature=args.temperature)
+        built = build_model(copy.deepcopy(cfg))
+        assert len(built.tokenizer) == len(probe)
+        return built, cfg
 
-    batches = _batches(train, args.batch_size, tokenizer.pad_token_id, args.seed)
-    history = []
-    for index, stage in enumerate(scheduler.stages):
-        groups = scheduler.enter(index)
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        n_train = sum(p.numel() for g in groups for p in g["params"])
-        model.train()
-        losses = []
-        ts = time.perf_counter()
-        for _ in range(stage.steps):
-            batch = next(batches)
-            result = model(images=batch["images"], input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"], labels=batch["labels"],
-                           question_ids=batch["question_ids"],
-                           question_mask=batch["question_mask"], views=scheduler.views,
-                           force_expert=scheduler.force_expert,
-                           router_gamma=scheduler.router_gamma)
-            if not torch.isfinite(result.loss):
-                raise RuntimeError(f"stage {stage.name}: loss became {result.loss.item()}")
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            optimizer.step()
-            losses.append(result.loss.item())
-        k = max(1, len(losses) // 5)
-        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-        history.append({"stage": stage.name, "views": stage.views, "trainable": list(stage.trainable),
-                        "trainable_parameters": n_train, "steps": len(losses),
-                        "loss_first": first, "loss_last": last,
-                        "seconds": time.perf_counter() - ts})
-        print(f"stage {stage.name:3s} views={stage.views:6s} trains {n_train / 1e6:.3f} M params "
-              f"({', '.join(stage.trainable)}): loss {first:.3f} -> {last:.3f} "
-              f"in {time.perf_counter() - ts:.1f} s")
-
-    results = {v: evaluate(model, held_out, tokenizer, views=v, batch_size=args.batch_size)
-               for v in ("global", "both")}
-    chance = 1 / 6
-    for views, r in results.items():
-        extra = (f", router keeps {100 * r['router_keep_rate']:.0f}% of local tokens"
-                 if "router_keep_rate" in r else "")
-        print(f"eval views={views:6s}: accuracy {100 * r['accuracy']:.1f}% (chance "
-              f"{100 * chance:.1f}%), {r['visual_tokens_per_image']:.0f} visual tokens/image{extra}")
-    save_module(model.adapter, out / "adapter")
-    report = {"stages": history, "eval": results, "chance": chance,
-              "seconds": time.perf_counter() - t0, "args": vars(args)}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    print(f"saved the adapter to {out / 'adapter'} and the report to {out / 'report.json'} "
-          f"({report['seconds']:.0f} s in all)")
-    bad = [h["stage"] for h in history if not (math.isfinite(h["loss_last"])
-                                                and h["loss_last"] < h["loss_first"])]
-    if bad and args.check_loss:
-        raise SystemExit(f"demo failed: the loss did not decrease in stage(s) {bad}")
+    built, cfg = build(0)
+    tokenizer = task_tokenizer(built.tokenizer)
+    records = {s: json.loads(i.read_text(encoding="utf-8")) for s, i in indices.items()}
+    encoder_state = stage0_encoder(built.model.vision, lambda x: encode_views(built.model, x),
+                                   indices["val"], out, slicer, args, cfg)
+    frozen = {k: v.clone() for k, v in built.model.vision.state_dict().items()}
+    features = {}
+    for split in ("train", "test"):
+        names = sorted({r["image"] for r in records[split]})
+        feats = encode_images(lambda x: encode_views(built.model, x), names,
+                              indices[split].parent, slicer, desc=f"encode {split}",
+                              quiet=args.quiet)
+        features[split] = Records(indices[split], tokenizer, slicer, feats)
+    chance = dict(task.CHANCE)
+    variants = VARIANTS + (ABLATION if args.ablation else ())
+    trained = [v for v in variants if v != "slime-all-local"]
+    rows, stages_log = [], [encoder_state]
+    for seed in range(args.seeds):
+        for variant in trained:
+            built, _ = build(seed)
+            built.model.vision.load_state_dict(frozen)
+            built.model.vision.requires_grad_(False).eval()
+            roles = {k: v for k, v in built.roles.items()}
+            stages_log += train_variant(built.model, roles, variant_stages(
+                variant, tuple(args.steps), args.lr), features["train"], args, seed, variant)
+            views = {"global-only": "global", "local-only": "local"}.get(variant, "both")
+            evals = [(variant, None)] + ([("slime-all-local", 1.0)] if variant == "slime" else [])
+            for name, gamma in evals:
+                result = evaluate(built.model, features["test"], tokenizer, views=views,
+                                  router_gamma=gamma, batch_size=32)
+                rows += summarise(result, variant=name, seed=seed)
+    report = {"rows": rows, "chance": chance, "stages": stages_log,
+              "seconds": time.perf_counter() - t_start, "commit": _commit(), "args": vars(args),
+              "variants": list(variants)}
+    write_outputs(report, out)
     return report
 
 

@@ -32,7 +32,7 @@ from slime_adapters.config import atomic_write_text
 from slime_adapters.slicing import plan_grid
 
 __all__ = ["BACKGROUNDS", "CHANCE", "DETAIL_COLORS", "SHAPE_COLORS", "SIZE_BUCKETS", "TASK_WORDS",
-           "TILE", "MAX_TILES", "detail_size", "make_detail_dataset", "size_bucket"]
+           "TILE", "MAX_TILES", "detail_size", "draw_image", "make_detail_dataset", "size_bucket"]
 
 TILE, MAX_TILES = 336, 6
 TILE_DETAIL_PX = 14
@@ -77,7 +77,9 @@ def _overlaps(box, boxes, margin):
                and b[1] < y1 + margin for b in boxes)
 
 
-def _draw_image(rng: random.Random, width: int, height: int):
+def draw_image(rng: random.Random, width: int, height: int, detail_px: int | None = None):
+    """One image of the task and its facts (``detail_px``: the small squares' side, by default
+    :func:`detail_size`)."""
     bg, shape_color = rng.choice(sorted(BACKGROUNDS)), rng.choice(sorted(SHAPE_COLORS))
     img = Image.new("RGB", (width, height), BACKGROUNDS[bg])
     draw = ImageDraw.Draw(img)
@@ -93,7 +95,7 @@ def _draw_image(rng: random.Random, width: int, height: int):
         draw.rectangle(big, fill=fill)
     else:
         draw.polygon([(x0, y0 + side), (x0 + side, y0 + side), (x0 + side // 2, y0)], fill=fill)
-    d = detail_size(width, height)
+    d = detail_size(width, height) if detail_px is None else detail_px
     boxes = [big]
     placed = []
     for _ in range(1 + _DISTRACTORS):
@@ -143,7 +145,7 @@ def make_detail_dataset(out_dir: str | Path, num_images: int, *, seed: int) -> P
     records = []
     for i in range(num_images):
         sizes = rng.choices(SIZE_BUCKETS, weights=weights)[0][2]
-        img, meta = _draw_image(rng, *rng.choice(sizes))
+        img, meta = draw_image(rng, *rng.choice(sizes))
         name = f"img_{i:05d}.png"
         img.save(out / name, compress_level=1)
         which = rng.choice(sorted(GLOBAL_Q))
