@@ -158,9 +158,12 @@ class _Engine:
             atomic_write_text(partial / "trainer_state.json", json.dumps(
                 {"step": step, "stage": self.stage.name, "world_size": d.world,
                  "engine": self.name, "fingerprint": fingerprint}, indent=1))
+            replaced = ckdir / f"{tag}.replaced"  # moved back by the next start if killed
             if final.exists():
-                shutil.rmtree(final)
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)
             os.replace(partial, final)
+            shutil.rmtree(replaced, ignore_errors=True)
             atomic_write_text(ckdir / "latest", tag)
             prune_checkpoints(ckdir, step, keep_last)
         d.barrier()

@@ -165,8 +165,8 @@ RUN_ENTRIES = ("checkpoints", "final", "log.jsonl", "report.json", "config.yaml"
 def clean_interrupted(out: Path) -> list[str]:
     """Tidy what a killed run left in ``out``; returns one line per thing done.
 
-    A ``final`` that was being replaced (moved aside into ``.final.old-*/previous``, the new one
-    not yet renamed in) is moved back; unfinished ``.final.tmp-*`` folders, ``step-N.partial``
+    A ``final`` or checkpoint that was being replaced (moved aside into ``.final.old-*/previous``
+    or ``step-N.replaced``, the new one not yet renamed in) is moved back; unfinished ``.final.tmp-*`` folders, ``step-N.partial``
     checkpoints and the temporary files of atomic writes (``.NAME.*.tmp``) are removed. Nothing
     a finished write produced is touched."""
     done: list[str] = []
@@ -178,7 +178,12 @@ def clean_interrupted(out: Path) -> list[str]:
             os.replace(old / "previous", final)
             done.append(f"restored {final} (its replacement was interrupted)")
     ck = out / "checkpoints"
-    stale = [*out.glob(".final.tmp-*"), *out.glob(".final.old-*"), *ck.glob("*.partial"),
+    for old in sorted(ck.glob("step-*.replaced")):
+        back = ck / old.name.removesuffix(".replaced")
+        if not back.exists():
+            os.replace(old, back)
+            done.append(f"restored {back} (its replacement was interrupted)")
+    stale = [*ck.glob("step-*.replaced"), *out.glob(".final.tmp-*"), *out.glob(".final.old-*"), *ck.glob("*.partial"),
              *(p for folder in (out, ck) for p in folder.glob(".*.tmp") if p.is_file())]
     for path in sorted(stale):
         if path.is_dir():

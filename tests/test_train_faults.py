@@ -184,6 +184,9 @@ def test_a_killed_runs_leftovers_are_tidied_and_a_final_in_replacement_restored(
     (out / ".report.json.ab12cd.tmp").write_text("{")
     (out / "checkpoints" / ".latest.zz99.tmp").write_text("step")
     (out / "checkpoints" / "step-0000003.partial").mkdir()
+    # killed while re-saving step 4: the complete one moved aside, the new one not yet in place
+    os.replace(out / "checkpoints" / "step-0000004", out / "checkpoints" / "step-0000004.replaced")
+    (out / "checkpoints" / "step-0000002.replaced").mkdir()  # a stale copy beside a whole one
     (out / "notes.txt").write_text("mine")
     report = main(_args(tmp, out))
     assert report == json.loads((out / "report.json").read_text())
@@ -191,6 +194,7 @@ def test_a_killed_runs_leftovers_are_tidied_and_a_final_in_replacement_restored(
         "checkpoints", "config.yaml", "final", "log.jsonl", "notes.txt", "report.json"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "latest", "step-0000002", "step-0000004"]
+    assert (out / "checkpoints" / "step-0000004" / "state.pt").is_file()
     restored = _weights(out / "final")
     assert restored.keys() == reference.keys()
     assert all(torch.equal(restored[k], reference[k]) for k in reference)
