@@ -73,13 +73,13 @@ from recipes.train_config import TrainConfigError, load_config
 from recipes.train_engines import build_engine, deepspeed_config, zero3_loading
 from recipes.train_runtime import (
     Distributed,
+    append_log,
     clean_interrupted,
     config_fingerprint,
     init_distributed,
-    lr_factor,
-    append_log,
     keep_log_until,
     latest_checkpoint,
+    lr_factor,
     set_aside_previous_run,
     stage_losses,
     visual_budget,

@@ -31,7 +31,10 @@ from slime_adapters.config import atomic_write_text
 
 # keys that change how a run is watched or stored, not what it computes: a resume may change them
 _RUN_ONLY = {"output_dir", "save_every", "keep_last", "log_every", "progress", "num_workers",
-             "device"}
+             "device", "check_images"}
+# keys added after checkpoints were first written: left out of a fingerprint while at their
+# default, so that those checkpoints still resume
+_LATER_KEYS = {"data": {"skip_bad_images": False, "max_length": None}}
 
 
 @dataclasses.dataclass
@@ -117,7 +120,8 @@ def config_fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     """The parts of the configuration a resumed run must share with the interrupted one."""
     out = {k: cfg[k] for k in ("model", "stage", "data")}
     out["training"] = {k: v for k, v in cfg["training"].items() if k not in _RUN_ONLY}
-    out["data"] = {k: v for k, v in out["data"].items() if k not in _RUN_ONLY}
+    out["data"] = {k: v for k, v in out["data"].items() if k not in _RUN_ONLY
+                   and not (k in _LATER_KEYS["data"] and v == _LATER_KEYS["data"][k])}
     return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 

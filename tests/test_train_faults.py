@@ -281,3 +281,19 @@ def test_chat_refuses_a_prompt_longer_than_the_llm(run, capsys):
     err = capsys.readouterr().err
     assert "more than the LLM's 512 positions" in err and err.startswith("chat: error:")
     assert chat([*base, "--max-new-tokens", "2"]) == 0
+
+
+def test_checkpoints_written_before_the_new_data_keys_still_resume():
+    """The fingerprint leaves out data keys added later while at their default (a checkpoint
+    written without them would read as another configuration); check_images never counts."""
+    from recipes.train_config import load_config
+    from recipes.train_runtime import config_differences, config_fingerprint
+
+    stage1 = TINY / "stage1.yaml"
+    old = config_fingerprint(load_config(stage1))
+    for key in ("check_images", "skip_bad_images", "max_length"):
+        assert key not in old["data"]
+    assert config_differences(old, config_fingerprint(load_config(
+        stage1, ["data.check_images=true"]))) == []
+    assert config_differences(old, config_fingerprint(load_config(
+        stage1, ["data.skip_bad_images=true"]))) == ["data.skip_bad_images"]
