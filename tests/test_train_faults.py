@@ -297,3 +297,24 @@ def test_checkpoints_written_before_the_new_data_keys_still_resume():
         stage1, ["data.check_images=true"]))) == []
     assert config_differences(old, config_fingerprint(load_config(
         stage1, ["data.skip_bad_images=true"]))) == ["data.skip_bad_images"]
+
+
+def test_non_finite_vision_features_stop_the_run_naming_the_records(run, tmp_path):
+    """An encoder whose weights hold a NaN (a damaged save): the first forward stops, naming the
+    batch's records, before a NaN loss or update."""
+    from safetensors.torch import load_file, save_file
+
+    tmp, src = run
+    folder = tmp_path / "init"
+    shutil.copytree(src / "final", folder)
+    weights = folder / "vision" / "model.safetensors"
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("patch_embedding.weight"))
+    state[name][0, 0, 0, 0] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(FloatingPointError, match=r"the vision features of record \d+ \(id "
+                                                 r"'color-\d+'\), record \d+ .* are not finite"):
+        main(["--config", str(TINY / "stage2.yaml"), *_sets(tmp, "unused", **{
+            "model.init_from": str(folder), "training.max_steps": "1"}),
+            "--set", f"training.output_dir={tmp_path / 'o'}"])
+    assert not (tmp_path / "o" / "final").exists()
