@@ -167,7 +167,7 @@ def to_rgb(image: Image.Image, fill: tuple[int, int, int], *, alpha: str = "comp
     if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode in _SIXTEEN_BIT:
-        samples = np.asarray(image).astype(np.float64)
+        samples = np.asarray(image).astype(np.float32)
         scale = 257.0
         if mode == "I" and samples.size:
             low, high = float(samples.min()), float(samples.max())
