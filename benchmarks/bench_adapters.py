@@ -37,7 +37,7 @@ import torch
 from torch.utils import benchmark
 
 from slime_adapters.compressor import QueryCompressor
-from slime_adapters.ops.reference import noisy_moe_reference, query_compressor_reference
+from slime_adapters.testing import noisy_moe_reference, query_compressor_reference
 from slime_adapters.projector import NoisyMoEProjector
 
 # SPEC §4, released code's own math on one H200, bf16, milliseconds

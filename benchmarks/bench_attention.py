@@ -49,7 +49,7 @@ from benchmarks._common import (
 )
 from slime_adapters.ops.attention import BACKENDS, ProbeCache, attention, backend_reasons, \
     select_backend
-from slime_adapters.ops.reference import attention_reference
+from slime_adapters.testing import attention_reference
 
 # SPEC §4 scenario: 576 global tokens + 1 separator + the kept local tokens of its four images
 PACKED_LENGTHS = (1945, 2079, 1680, 1422)

@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils import benchmark as tbench
 
 from slime_adapters.config import atomic_write_text
-from slime_adapters.ops.reference import slice_image_reference
+from slime_adapters.testing import slice_image_reference
 from slime_adapters.slicing import LLAVA_NEXT_PINPOINTS, AdaptiveSlicer, plan_grid, visual_token_count
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

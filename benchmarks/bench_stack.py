@@ -50,7 +50,7 @@ from benchmarks._common import (
 )
 from slime_adapters.adapter import SliMEVisualAdapter
 from slime_adapters.compressor import QueryCompressor, QueryCompressorConfig
-from slime_adapters.ops.reference import router_reference_released
+from slime_adapters.testing import router_reference_released
 from slime_adapters.projector import NoisyMoEProjectorConfig
 from slime_adapters.router import CosineTokenRouterConfig
 from slime_adapters.slicing import plan_grid
