@@ -136,7 +136,8 @@ class NoisyMoEProjectorConfig(ConfigBase):
 
 def _check_expert(name: str, value: object, error: type[Exception] = ValueError,
                   prefix: str = "") -> None:
-    if value is not None and (isinstance(value, bool) or value not in (0, 1)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value not in (0, 1)):
         raise error(f"{prefix}{name} must be None, 0 (MLP expert) or 1 (query expert), "
                     f"got {value!r}")
 
