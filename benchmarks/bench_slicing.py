@@ -14,7 +14,7 @@ Same generated images (varied sizes and PIL modes) for every contender, in one r
 * ``slicer_paper``: the default paper policy (more tiles for large images; for information).
 
 Before timing, the default slicer is also checked against the float64 loop oracle
-:func:`slime_adapters.ops.reference.slice_image_reference`. Timing: ``torch.utils.benchmark``,
+:func:`slime_adapters.testing.slice_image_reference`. Timing: ``torch.utils.benchmark``,
 one warm-up pass, then ``--repeats`` interleaved passes over all images, medians. The images/s
 ratio ``slicer_llava / llava_next`` is printed last. Results go to
 ``<out>/bench_slicing_<device>_torch<version>_<commit>.json``.

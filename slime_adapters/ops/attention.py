@@ -11,6 +11,14 @@ Packed variable-length input: with ``seqlens`` (and optionally ``kv_seqlens``), 
 the ``m`` (``n``) tokens are several sequences laid end to end; each sequence attends only to
 itself. No backend loops over the sequences in Python.
 
+The packed path is a documented utility, not a hot path: no module of the library calls it. Every
+attention the components run has one size per batch (a tile's tokens, a view's tokens, the fixed
+query counts), so a dense batch without padding is the cheapest layout; packing the compressor's
+12 tiles of 144 queries × 576 keys measured 161 ms against 45 ms for the dense batch (CPU, SDPA,
+8 heads of 64, 2 threads). It serves callers whose sequences differ in length (its results match
+the float64 oracle, ``tests/test_attention.py``); on CUDA it runs xformers' block-diagonal kernel,
+elsewhere the padded layout with a key mask.
+
 Backend selection. ``backend="auto"`` chooses among the backends that a one-time *probe* showed to
 work for the input's device and dtype (a tiny real call compared against the math backend; cached
 per device and dtype in an explicit, inspectable :class:`ProbeCache`), then among those the first
