@@ -54,6 +54,8 @@ from slime_adapters.config import (
     check_choice,
     check_int,
     check_number,
+    config_field,
+    config_setting,
     refuse_removed_keywords,
 )
 from slime_adapters.layers import grid_side, interpolate_table_bicubic, sincos_2d
@@ -188,32 +190,16 @@ class QueryCompressor(ConfigurableMixin, nn.Module):
 
     # ---- settings, read from the config (what is saved is what runs) ----------------------
 
-    dim = property(lambda self: self.config.dim, doc="Model width d.")
-    num_queries = property(lambda self: self.config.num_queries, doc="Queries per tile.")
+    dim = config_field("dim", "Model width d.")
+    num_queries = config_field("num_queries", "Queries per tile.")
+    mode = config_field("mode", '"paper" or "reference".')
     num_heads = property(lambda self: self.config.heads, doc="Attention heads in use.")
-    mode = property(lambda self: self.config.mode, doc='"paper" or "reference".')
     kv_dim = property(lambda self: self.config.kv_dim or self.config.dim, doc="Input width.")
     out_dim = property(lambda self: self.config.out_dim or self.config.dim, doc="Output width.")
     use_pos = property(lambda self: self.config.pos_embed == "sincos2d",
                        doc="Whether 2-D sin-cos positions are used.")
-
-    @property
-    def attn_backend(self) -> str:
-        """The attention backend; setting it updates ``config`` (validated)."""
-        return self.config.attn_backend
-
-    @attn_backend.setter
-    def attn_backend(self, value: str) -> None:
-        self.config = self.config.replace(attn_backend=value)
-
-    @property
-    def check_finite(self) -> bool:
-        """Whether ``forward`` checks its input is finite; setting it updates ``config``."""
-        return self.config.check_finite
-
-    @check_finite.setter
-    def check_finite(self, value: bool) -> None:
-        self.config = self.config.replace(check_finite=value)
+    attn_backend = config_setting("attn_backend", "The attention backend.")
+    check_finite = config_setting("check_finite", "Whether ``forward`` checks its input.")
 
     # ----------------------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ __all__ = [
     "check_int",
     "check_number",
     "check_numbers",
+    "config_field",
+    "config_setting",
     "refuse_removed_keywords",
 ]
 
@@ -110,6 +112,22 @@ def check_numbers(owner: str, name: str, value: Any, length: int, *, above: floa
     if not ok:
         bound = f" > {above}" if above is not None else ""
         _fail(error, owner, f"{name} must be {length} finite numbers{bound}, got {value!r}")
+
+
+def config_field(name: str, doc: str) -> property:
+    """A read-only module attribute that reads ``self.config.<name>`` (a structural setting)."""
+    return property(lambda self: getattr(self.config, name), doc=doc)
+
+
+def config_setting(name: str, doc: str) -> property:
+    """A module attribute that reads ``self.config.<name>``; assigning it replaces ``self.config``
+    with a validated copy, so the saved config is always what runs."""
+
+    def set_(self: Any, value: Any) -> None:
+        self.config = self.config.replace(**{name: value})
+
+    return property(lambda self: getattr(self.config, name), set_,
+                    doc=f"{doc} Setting it updates ``config`` (validated).")
 
 
 #: Keywords removed from public signatures -> what to pass instead (the message names it).

@@ -65,6 +65,8 @@ from slime_adapters.config import (
     check_choice,
     check_int,
     check_number,
+    config_field,
+    config_setting,
 )
 from slime_adapters.layers import grid_side, mlp
 from slime_adapters.schedule.roles import RoleSpec
@@ -217,42 +219,15 @@ class NoisyMoEProjector(ConfigurableMixin, nn.Module):
 
     # ---- settings, read from the config (what is saved is what runs) ----------------------
 
-    in_dim = property(lambda self: self.config.in_dim, doc="Vision feature width.")
-    out_dim = property(lambda self: self.config.out_dim, doc="LLM width.")
-    num_tokens = property(lambda self: self.config.num_tokens, doc="Tokens per view.")
-    noise = property(lambda self: self.config.noise, doc='"learned" or "reference".')
-    mode = property(lambda self: self.config.mode, doc='"paper" or "reference".')
-    shared_mlp = property(lambda self: self.config.shared_mlp, doc="Query expert uses mlp.")
-
-    def _set(self, **change: object) -> None:
-        self.config = self.config.replace(**change)
-
-    @property
-    def force_expert(self) -> int | None:
-        """``None`` (mixture), 0 or 1; setting it updates ``config`` (validated)."""
-        return self.config.force_expert
-
-    @force_expert.setter
-    def force_expert(self, value: int | None) -> None:
-        self._set(force_expert=value)
-
-    @property
-    def balance_loss_coef(self) -> float:
-        """Weight of the load-balancing loss; setting it updates ``config`` (validated)."""
-        return self.config.balance_loss_coef
-
-    @balance_loss_coef.setter
-    def balance_loss_coef(self, value: float) -> None:
-        self._set(balance_loss_coef=value)
-
-    @property
-    def check_finite(self) -> bool:
-        """Whether ``forward`` checks its input is finite; setting it updates ``config``."""
-        return self.config.check_finite
-
-    @check_finite.setter
-    def check_finite(self, value: bool) -> None:
-        self._set(check_finite=value)
+    in_dim = config_field("in_dim", "Vision feature width.")
+    out_dim = config_field("out_dim", "LLM width.")
+    num_tokens = config_field("num_tokens", "Tokens per view.")
+    noise = config_field("noise", '"learned" or "reference".')
+    mode = config_field("mode", '"paper" or "reference".')
+    shared_mlp = config_field("shared_mlp", "Whether the query expert's output goes through mlp.")
+    force_expert = config_setting("force_expert", "None (mixture), 0 or 1.")
+    balance_loss_coef = config_setting("balance_loss_coef", "Weight of the balancing loss.")
+    check_finite = config_setting("check_finite", "Whether ``forward`` checks its input.")
 
     @property
     def attn_backend(self) -> str:
@@ -261,7 +236,7 @@ class NoisyMoEProjector(ConfigurableMixin, nn.Module):
 
     @attn_backend.setter
     def attn_backend(self, value: str) -> None:
-        self._set(attn_backend=value)
+        self.config = self.config.replace(attn_backend=value)
         self.query_expert.attn_backend = value
 
     def roles(self) -> dict[str, RoleSpec]:
