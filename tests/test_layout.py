@@ -119,3 +119,14 @@ def test_oracles_live_in_testing_not_ops():
     assert {"attention_reference", "query_compressor_reference", "noisy_moe_reference",
             "router_reference", "slice_image_reference", "splice_reference",
             "adapter_reference"} <= set(testing.__all__)
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("slime_adapters")
+                    and node.module != name):
+                offenders += [f"{name}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert offenders == []

@@ -45,16 +45,16 @@ from torch import Tensor, nn
 
 from slime_adapters.checkpoint.modules import CheckpointError
 from slime_adapters.checkpoint.released_layout import (
-    _KNOWN,
-    _NAMESPACE,
-    _PROJECTOR_DEFAULTS,
-    _REQUIRED,
+    KNOWN_KEYS,
+    NAMESPACES,
     PARTS,
+    PROJECTOR_DEFAULTS,
     PROJECTOR_FILE,
+    REQUIRED_KEYS,
     SAMPLER_FILE,
-    _dim,
     classify_key,
     read_sources,
+    shape_dim,
     to_ours,
     to_released,
 )
@@ -75,19 +75,19 @@ def _build(part: str, state: dict[str, Tensor], where: str, num_heads: int | Non
         if part == "projector":
             w1 = state["projection.0.weight"]
             cfg = NoisyMoEProjectorConfig(
-                in_dim=_dim(w1, 1, "mm_projector.projection.0.weight", where),
-                out_dim=_dim(w1, 0, "mm_projector.projection.0.weight", where),
-                num_tokens=_dim(state["attn.query"], 0, "mm_projector.attn.query", where),
+                in_dim=shape_dim(w1, 1, "mm_projector.projection.0.weight", where),
+                out_dim=shape_dim(w1, 0, "mm_projector.projection.0.weight", where),
+                num_tokens=shape_dim(state["attn.query"], 0, "mm_projector.attn.query", where),
                 num_heads=num_heads, **preset_switches("released")["projector"])
             return NoisyMoEProjector.from_config(cfg, device="meta")
         query = state["query"]
         kv, proj = state.get("kv_proj.weight"), state.get("proj.weight")
         cfg = QueryCompressorConfig(
-            dim=_dim(query, 1, "sampler.post_qformer.query", where),
-            num_queries=_dim(query, 0, "sampler.post_qformer.query", where),
+            dim=shape_dim(query, 1, "sampler.post_qformer.query", where),
+            num_queries=shape_dim(query, 0, "sampler.post_qformer.query", where),
             num_heads=num_heads,
-            kv_dim=None if kv is None else _dim(kv, 1, "sampler...kv_proj.weight", where),
-            out_dim=None if proj is None else _dim(proj, 0, "sampler...proj.weight", where),
+            kv_dim=None if kv is None else shape_dim(kv, 1, "sampler...kv_proj.weight", where),
+            out_dim=None if proj is None else shape_dim(proj, 0, "sampler...proj.weight", where),
             **preset_switches("released")["compressor"])
         return QueryCompressor.from_config(cfg, device="meta")
     except CheckpointError:
@@ -100,19 +100,19 @@ def _import_part(part: str, entries: dict[str, tuple[Tensor, str, str]], *, stri
                  num_heads: int | None, dtype: torch.dtype | None, device) -> nn.Module:
     """Check ``entries`` (plain name -> (tensor, key, file)) and build the module from them."""
     where = " + ".join(sorted({label for _, _, label in entries.values()}))
-    ns = "model." + _NAMESPACE[part]
+    ns = "model." + NAMESPACES[part]
     state = {name: t for name, (t, _, _) in entries.items()}
-    missing = sorted(ns + k for k in _REQUIRED[part] if k not in state)
+    missing = sorted(ns + k for k in REQUIRED_KEYS[part] if k not in state)
     unexpected = sorted(key for name, (_, key, _) in entries.items()
-                        if name not in _KNOWN[part])
+                        if name not in KNOWN_KEYS[part])
     problems = ([f"missing keys {missing}"] if missing else []) + (
         [f"unexpected keys {unexpected}"] if unexpected and strict else [])
     if problems:
         raise CheckpointError(f"{where}: not the released SliME {part}: " + ", ".join(problems))
-    state = {k: v for k, v in state.items() if k in _KNOWN[part]}
+    state = {k: v for k, v in state.items() if k in KNOWN_KEYS[part]}
     module = _build(part, state, where, num_heads)
     work = dtype or state["projection.0.weight" if part == "projector" else "query"].dtype
-    fill = {k: torch.full((1,), v) for k, v in _PROJECTOR_DEFAULTS.items()} \
+    fill = {k: torch.full((1,), v) for k, v in PROJECTOR_DEFAULTS.items()} \
         if part == "projector" else {}
     state = {**fill, **state}
     expected = {k: tuple(v.shape) for k, v in to_released(part, module.state_dict()).items()}
@@ -307,15 +307,15 @@ def export_released(
         if part == "projector":
             like = state["w_gate"]
             state = {**{k: torch.full((1,), v, dtype=like.dtype, device=like.device)
-                        for k, v in _PROJECTOR_DEFAULTS.items()}, **state}
+                        for k, v in PROJECTOR_DEFAULTS.items()}, **state}
         released = to_released(part, state)
-        lacking = sorted(k for k in _REQUIRED[part] if k not in released)
+        lacking = sorted(k for k in REQUIRED_KEYS[part] if k not in released)
         if lacking:
             raise CheckpointError(f"export_released: the {type(module).__name__} has nothing "
                                   f"for the released {lacking} (built with pos_embed='none'?)")
         for name, t in released.items():
             t = t.detach().to("cpu", dtype=dtype or t.dtype, copy=True).contiguous()
-            out[f"{prefix}{_NAMESPACE[part]}{name}"] = t
+            out[f"{prefix}{NAMESPACES[part]}{name}"] = t
     return out
 
 
@@ -343,7 +343,7 @@ def save_released(
         return path
     path.mkdir(parents=True, exist_ok=True)
     for part, name in (("projector", PROJECTOR_FILE), ("sampler", SAMPLER_FILE)):
-        mine = {k: v for k, v in state.items() if k.startswith(prefix + _NAMESPACE[part])}
+        mine = {k: v for k, v in state.items() if k.startswith(prefix + NAMESPACES[part])}
         if mine:
             atomic_write_bytes(path / name, _pickle_bytes(mine))
     return path

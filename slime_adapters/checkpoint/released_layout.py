@@ -44,11 +44,16 @@ from torch import Tensor
 from slime_adapters.checkpoint.modules import CheckpointError
 
 __all__ = [
+    "KNOWN_KEYS",
+    "NAMESPACES",
     "PARTS",
+    "PROJECTOR_DEFAULTS",
     "PROJECTOR_FILE",
+    "REQUIRED_KEYS",
     "SAMPLER_FILE",
     "classify_key",
     "read_sources",
+    "shape_dim",
     "to_ours",
     "to_released",
 ]
@@ -56,7 +61,7 @@ __all__ = [
 PROJECTOR_FILE = "mm_projector.bin"
 SAMPLER_FILE = "sampler.bin"
 PARTS = ("projector", "sampler")
-_NAMESPACE = {"projector": "mm_projector.", "sampler": "sampler.post_qformer."}
+NAMESPACES = {"projector": "mm_projector.", "sampler": "sampler.post_qformer."}
 _RESAMPLER_PLAIN = ("query", "pos_embed", "ln_q.weight", "ln_q.bias", "ln_kv.weight",
                     "ln_kv.bias", "ln_post.weight", "ln_post.bias", "attn.out_proj.weight",
                     "attn.out_proj.bias")
@@ -64,13 +69,13 @@ _RESAMPLER_PACKED = ("attn.in_proj_weight", "attn.in_proj_bias")
 _RESAMPLER_OPTIONAL = ("kv_proj.weight", "proj.weight", "proj.bias")
 _PROJECTOR_PLAIN = ("w_gate", "w_noise", "projection.0.weight", "projection.0.bias",
                     "projection.2.weight", "projection.2.bias")
-_PROJECTOR_DEFAULTS = {"mean": 0.0, "std": 1.0}
-_REQUIRED = {"projector": _PROJECTOR_PLAIN + tuple("attn." + k for k in _RESAMPLER_PLAIN
+PROJECTOR_DEFAULTS = {"mean": 0.0, "std": 1.0}
+REQUIRED_KEYS = {"projector": _PROJECTOR_PLAIN + tuple("attn." + k for k in _RESAMPLER_PLAIN
                                                    + _RESAMPLER_PACKED),
              "sampler": _RESAMPLER_PLAIN + _RESAMPLER_PACKED}
 # the released GatedBlock's resampler has no kv_proj / proj (kv_dim = width, no post projection)
-_KNOWN = {"projector": _REQUIRED["projector"] + tuple(_PROJECTOR_DEFAULTS),
-          "sampler": _REQUIRED["sampler"] + _RESAMPLER_OPTIONAL}
+KNOWN_KEYS = {"projector": REQUIRED_KEYS["projector"] + tuple(PROJECTOR_DEFAULTS),
+          "sampler": REQUIRED_KEYS["sampler"] + _RESAMPLER_OPTIONAL}
 
 
 # ------------------------------------------------------------------------------- name mapping
@@ -103,7 +108,7 @@ def to_ours(part: str, released: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def to_released(part: str, ours: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    back = {_ours(part, n): n for n in _KNOWN[part]}
+    back = {_ours(part, n): n for n in KNOWN_KEYS[part]}
     inner = "query_expert." if part == "projector" else ""
     packed = "attn.attn." if part == "projector" else "attn."
     out = {}
@@ -128,7 +133,7 @@ def to_released(part: str, ours: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def classify_key(key: str, default_part: str | None) -> tuple[str | None, str]:
     """``(part, plain name)``; part None marks a key of another model part."""
     name = key.removeprefix("model.")
-    for part, ns in _NAMESPACE.items():
+    for part, ns in NAMESPACES.items():
         if name.startswith(ns):
             return part, name[len(ns):]
     if name.startswith("sampler.") or key != name:
@@ -206,7 +211,7 @@ def read_sources(source, part: str | None) -> list[tuple[str, dict[str, Tensor],
     return [(str(path), state, part or by_name or _guess_part(list(state)), False)]
 
 
-def _dim(t: Tensor, axis: int, key: str, where: str) -> int:
+def shape_dim(t: Tensor, axis: int, key: str, where: str) -> int:
     if t.dim() != 2:
         raise CheckpointError(f"{where}: {key} must be a matrix, got shape {tuple(t.shape)}")
     return int(t.shape[axis])
