@@ -125,7 +125,7 @@ def _labelled_runs(tok, enc):
 
 
 def test_names_and_unknown_template():
-    assert template_names() == ["llama-3", "plain", "qa", "vicuna-v1"]
+    assert template_names() == ["llama-3", "llama-3-meta", "plain", "qa", "vicuna-v1"]
     with pytest.raises(TemplateError, match=r"unknown chat template 'chatml'; known: \['llama-3'"):
         get_template("chatml")
     with pytest.raises(TemplateError, match="system must not hold '<image>'"):
@@ -139,8 +139,8 @@ def test_qa_format_and_labels(words):
                     "the background ? ASSISTANT: grey , mostly </s>").split()
     target = [i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]
     assert words.convert_ids_to_tokens(target) == "red </s> grey , mostly </s>".split()
-    assert words.convert_ids_to_tokens(enc.question_ids) == \
-        "what color is the square ? and the background ?".split()
+    # the router reads the turn that holds the image, for every answer
+    assert words.convert_ids_to_tokens(enc.question_ids) == "what color is the square ?".split()
 
 
 def test_vicuna_is_llavas_string(bpe):
@@ -183,22 +183,24 @@ def test_a_tokenizer_that_merges_across_the_prompt_end_is_refused():
     # trained across words, it learns "T:▁": "ASSISTANT:" alone ends in "T", ":" instead
     merged = sentencepiece_llama(split_words=False)
     with pytest.raises(TemplateError, match=r"'vicuna-v1': this tokenizer tokenises the "
-                                            r"generation prompt differently .* part at token"):
+                                            r"generation prompt of answer 1 differently .* part "
+                                            r"at token 37: \['▁\?▁ASSISTANT', ':'\] vs"):
         get_template("vicuna-v1").encode(merged, CONV[:2])
 
 
-def test_llama3_exact_text_and_stop_token(bpe):
-    template = get_template("llama-3", system="Be brief.")
+def test_meta_llama3_exact_text_and_stop_token(bpe):
+    template = get_template("llama-3-meta", system="Be brief.")
     conv = [{"from": "human", "value": " what color ?\n<image> "},
             {"from": "gpt", "value": " red\n"},
             {"from": "human", "value": " and ? "}, {"from": "gpt", "value": "grey"}]
     enc = template.encode(bpe, conv)
-    text = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+    text = ("<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
             "<|start_header_id|>user<|end_header_id|>\n\n<image>\nwhat color ?"
             "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nred<|eot_id|>"
             "<|start_header_id|>user<|end_header_id|>\n\nand ?<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\ngrey<|eot_id|>")
-    assert template.prompt_text(conv) == text and _decode(bpe, enc.input_ids) == text
+    assert template.prompt_text(conv) == text
+    assert _decode(bpe, enc.input_ids) == "<|begin_of_text|>" + text
     assert _labelled_runs(bpe, enc) == ["red<|eot_id|>", "grey<|eot_id|>"]
     assert template.stop_token_ids(bpe) == [bpe.convert_tokens_to_ids("<|eot_id|>")]
     assert get_template("qa").stop_token_ids(bpe) == [bpe.eos_token_id]
@@ -429,10 +431,131 @@ def test_whitespace_tokens_inside_an_answer_are_labelled_under_trimmed_offsets()
                                    additional_special_tokens=["<image>"])
     answer = "red\n\n  grey"
     enc = get_template("vicuna-v1").encode(
-        fast, [{"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": answer}])
+        fast, [{"from": "human", "value": "<image>\nwhat color ?"},
+               {"from": "gpt", "value": answer}])
     prompt = get_template("vicuna-v1").encode(
         fast, [{"from": "human", "value": "<image>\nwhat color ?"}], for_generation=True)
     n = len(prompt.input_ids)
     assert enc.labels[:n] == [IGNORE_INDEX] * n
     assert enc.labels[n:] == enc.input_ids[n:]  # every answer token, whitespace included
     assert _decode(fast, enc.input_ids[n:]).strip() == answer + "</s>"
+
+
+THREE = CONV + [{"from": "human", "value": "  and the square ?  "}, {"from": "gpt", "value": "red"}]
+
+
+@pytest.mark.parametrize("name", ["qa", "vicuna-v1", "llama-3", "llama-3-meta"])
+def test_router_text_is_the_same_at_training_and_in_chat_turn_by_turn(name, bpe):
+    """One rule: every answer's router text is the turn that holds the image, in training (one
+    encoding for all answers) and in recipes.chat's generation inputs for each turn."""
+    from recipes.chat import generation_inputs
+
+    template = get_template(name)
+    training = template.encode(bpe, THREE)
+    first = bpe("what color is the square ?", add_special_tokens=False).input_ids
+    assert training.question_ids == first  # no later question reaches the router
+    for k in range(0, len(THREE), 2):
+        ids, question_ids, mask = generation_inputs(template, bpe, THREE[:k + 1], "<image>")
+        assert question_ids[0].tolist() == training.question_ids and bool(mask.all())
+        assert training.input_ids[:ids.shape[1]] == ids[0].tolist()  # the same visual tokens
+    # a question with no text routes as "no text" in chat, and has none in training
+    alone = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "red"}]
+    assert template.encode(bpe, alone).question_ids == []
+    _, question_ids, mask = generation_inputs(template, bpe, alone[:1], "<image>")
+    assert question_ids.shape == (1, 1) and not bool(mask.any())
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    """A byte-level BPE with a ChatML chat template (as Qwen's and SmolLM2's), no BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    tok.train_from_iterator(CORPUS + ["user assistant system 12"], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[1:])
+    fast.chat_template = CHATML
+    return fast
+
+
+def test_encode_chat_names_a_slime_format_or_uses_the_tokenizers_own(chatml, bpe):
+    from recipes.templates import chat_stop_token_ids, encode_chat
+
+    assert encode_chat(bpe, CONV, template="vicuna-v1") == \
+        get_template("vicuna-v1").encode(bpe, CONV)
+    assert encode_chat(bpe, CONV, template="vicuna-v1", system="S") == \
+        get_template("vicuna-v1", system="S").encode(bpe, CONV)
+    assert chat_stop_token_ids(bpe, "llama-3") == [bpe.convert_tokens_to_ids("<|eot_id|>")]
+    conv = [{"from": "human", "value": "what color is the square ?\n<image>"},
+            {"from": "gpt", "value": "12"}, {"from": "human", "value": "and the background ?"},
+            {"from": "gpt", "value": " grey , mostly\n"}]
+    enc = encode_chat(chatml, conv, system="Be brief.")
+    text = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<image>\nwhat color is the "
+            "square ?<|im_end|>\n<|im_start|>assistant\n12<|im_end|>\n<|im_start|>user\nand the "
+            "background ?<|im_end|>\n<|im_start|>assistant\n grey , mostly\n<|im_end|>\n")
+    assert _decode(chatml, enc.input_ids) == text
+    # every token after each generation prompt, through the turn's last special token
+    assert _labelled_runs(chatml, enc) == ["12<|im_end|>", " grey , mostly\n<|im_end|>"]
+    assert enc.question_ids == chatml("what color is the square ?",
+                                      add_special_tokens=False).input_ids
+    for k in (1, 3):
+        prompt = encode_chat(chatml, conv[:k], system="Be brief.", for_generation=True)
+        assert enc.input_ids[:len(prompt.input_ids)] == prompt.input_ids
+        assert set(prompt.labels) == {IGNORE_INDEX} and prompt.question_ids == enc.question_ids
+        assert _decode(chatml, prompt.input_ids).endswith("<|im_start|>assistant\n")
+        n = len(prompt.input_ids)
+        assert enc.labels[n - 1] == IGNORE_INDEX and enc.labels[n] == enc.input_ids[n]
+    assert chat_stop_token_ids(chatml) == [chatml.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_encode_chat_errors(chatml, bpe):
+    from recipes.templates import chat_stop_token_ids, encode_chat
+
+    with pytest.raises(TemplateError, match=r"the tokenizer has no chat_template; name a SliME "
+                                            r"format instead"):
+        encode_chat(bpe, CONV)
+    with pytest.raises(TemplateError, match="has no chat_template"):
+        chat_stop_token_ids(bpe)
+    with pytest.raises(TemplateError, match="unknown chat template 'chatml'"):
+        encode_chat(bpe, CONV, template="chatml")
+    with pytest.raises(TemplateError, match="turn 1 holds '<image>'"):
+        encode_chat(chatml, [CONV[0], {"from": "gpt", "value": "<image>"}])
+    with pytest.raises(TemplateError, match="system must not hold '<image>'"):
+        encode_chat(chatml, CONV, system="<image>")
+    with pytest.raises(TemplateError, match=r"'chat_template': the image token '<\|im_start\|>' "
+                                            r"must appear once, where '<image>' is; the text "
+                                            r"holds it 4 more time\(s\)"):
+        encode_chat(chatml, CONV, image_token="<|im_start|>")
+    with pytest.raises(TemplateError, match="'chat_template' needs the token '<picture>'"):
+        encode_chat(chatml, CONV, image_token="<picture>")
+    # a chat template that drops earlier answers (as some "thinking" templates do) is refused
+    import copy
+
+    forgetful = copy.deepcopy(chatml)
+    forgetful.chat_template = CHATML.replace(
+        "{% for m in messages %}", "{% for m in messages %}{% if m['role'] != 'assistant' or "
+        "loop.last %}").replace("{% endfor %}", "{% endif %}{% endfor %}")
+    with pytest.raises(TemplateError, match=r"'chat_template': this tokenizer tokenises the "
+                                            r"generation prompt of answer 1 differently"):
+        encode_chat(forgetful, CONV)
+    # one that marks the end of the conversation: the first answer's turn ends differently there
+    marked = copy.deepcopy(chatml)
+    marked.chat_template = CHATML.replace("{% endfor %}",
+                                          "{% if loop.last and m['role'] == 'assistant' %}"
+                                          "<|endoftext|>{% endif %}{% endfor %}")
+    assert _labelled_runs(marked, encode_chat(marked, CONV[:2])) == ["red<|im_end|>\n<|endoftext|>"]
+    with pytest.raises(TemplateError, match=r"renders the conversation up to answer 1 "
+                                            r"differently from the whole conversation"):
+        encode_chat(marked, CONV)
