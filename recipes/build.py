@@ -33,8 +33,9 @@ key, e.g. ``model.vision.typo``; a missing folder raises ``FileNotFoundError`` n
 
 The LLM's embeddings are resized when tokens were added; a tokenizer without a pad token gets its
 unk (else eos) token as pad. Roles for
-:class:`slime_adapters.AlternatingScheduler`: the projector's ``mlp_expert``, ``query_expert`` and
-``gate``; ``compressor`` (the adapter's local path: compressor, separator, own local MLP); ``llm``
+:class:`slime_adapters.AlternatingScheduler`: the adapter's own (``adapter.roles()``:
+``mlp_expert`` with the learned separator, ``query_expert``, ``gate``, ``compressor`` with the own
+local MLP; every adapter parameter in exactly one); ``llm``
 (without LoRA: the whole LLM; with LoRA: every LLM parameter but the LoRA ones); ``llm_lora`` (the
 LoRA parameters, with LoRA only); ``vision``.
 
@@ -66,7 +67,7 @@ from recipes.model_config import (
 )
 from recipes.model_folder import load_complete, quiet_transformers, read_slime_json
 from slime_adapters.adapter import SliMEVisualAdapter, SliMEVisualAdapterConfig
-from slime_adapters.schedule import RoleSpec, projector_roles
+from slime_adapters.schedule import RoleSpec
 
 __all__ = ["Built", "build_model", "roles_of"]
 
@@ -363,10 +364,7 @@ def roles_of(model: SliMEForCausalLM) -> dict[str, RoleSpec | nn.Module]:
     Returns:
         ``{role: RoleSpec or module}`` for :class:`slime_adapters.AlternatingScheduler`.
     """
-    roles: dict[str, RoleSpec | nn.Module] = {
-        **projector_roles(model.adapter.projector),
-        "compressor": RoleSpec(model.adapter, ("compressor", "separator", "local_mlp")),
-    }
+    roles: dict[str, RoleSpec | nn.Module] = dict(model.adapter.roles())
     names = [n for n, _ in model.llm.named_parameters()]
     lora = tuple(n for n in names if _is_lora_name(n))
     if lora:

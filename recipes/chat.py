@@ -35,7 +35,8 @@ from recipes.model_folder import read_slime_json
 from recipes.templates import IMAGE_TOKEN, ChatTemplate, get_template
 from slime_adapters.slicing import AdaptiveSlicer, SlicedImage, collate
 
-__all__ = ["ChatAnswer", "answer", "load_chat_model", "main", "respond", "slicer_for"]
+__all__ = ["ChatAnswer", "answer", "generation_inputs", "load_chat_model", "main", "respond",
+           "slicer_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,19 +118,14 @@ def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     template = get_template(template) if isinstance(template, str) else template
-    enc = template.encode(tokenizer, _conversation(question), for_generation=True,
-                          image_token=image_token_of(model, tokenizer))
+    ids, question_ids, question_mask = generation_inputs(
+        template, tokenizer, _conversation(question), image_token_of(model, tokenizer))
     sliced = image if isinstance(image, SlicedImage) else (slicer or slicer_for(model))(image)
     model.eval()
     images = collate([sliced])
-    ids = torch.tensor([enc.input_ids])
-    # a question with no text (the template took it all) routes as "no text": keep everything
-    q = enc.question_ids or [tokenizer.pad_token_id or 0]
-    question_ids = torch.tensor([q])
-    question_mask = torch.tensor([[bool(enc.question_ids)] * len(q)])
     visual = model.visual_tokens(images, question_ids=question_ids, question_mask=question_mask,
                                  router_gamma=router_gamma, views=views, force_expert=force_expert)
-    _check_length(model, enc.input_ids, int(visual.lengths[0]), max_new_tokens)
+    _check_length(model, ids[0].tolist(), int(visual.lengths[0]), max_new_tokens)
     stops = template.stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     new = model.generate(images=images, input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -157,6 +153,22 @@ def _check_length(model: SliMEForCausalLM, ids: list[int], visual: int, new: int
                          f"{new} new tokens = {text + visual + new}, more than the LLM's {limit} "
                          f"positions (max_position_embeddings); shorten the question, lower "
                          f"--max-new-tokens or use fewer tiles")
+
+
+def generation_inputs(template: ChatTemplate, tokenizer, conversation: Sequence[Mapping[str, str]],
+                      image_token: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompt ids ``(1, t)`` of ``conversation`` (ending with the human turn to answer) and the
+    router's question ids and mask ``(1, l)``: the template's ``question_ids``, the same text
+    training gives the router (:mod:`recipes.templates`).
+
+    Raises:
+        TemplateError: the template refuses the conversation.
+    """
+    enc = template.encode(tokenizer, conversation, for_generation=True, image_token=image_token)
+    # a question with no text (the template took it all) routes as "no text": keep everything
+    q = enc.question_ids or [tokenizer.pad_token_id or 0]
+    return (torch.tensor([enc.input_ids]), torch.tensor([q]),
+            torch.tensor([[bool(enc.question_ids)] * len(q)]))
 
 
 def answer(model: SliMEForCausalLM, tokenizer, image: Any, question: str, **kwargs) -> str:

@@ -45,11 +45,9 @@ from slime_adapters import (
     SliMEVisualAdapter,
     SliMEVisualAdapterConfig,
     paper_stages,
-    projector_roles,
     save_module,
 )
 from slime_adapters.config import atomic_write_text
-from slime_adapters.schedule import RoleSpec
 
 VISION_DIM, LLM_DIM, PATCH, TILE = 64, 128, 42, 336  # 8 x 8 = 64 tokens per view
 
@@ -78,13 +76,8 @@ def build_model(tokenizer, *, num_queries: int = 16, gamma: float = 0.8,
 
 
 def roles_of(model: SliMEForCausalLM) -> dict[str, object]:
-    """Scheduler roles: the projector's three experts/gate, the local path, the LLM, the encoder."""
-    return {
-        **projector_roles(model.adapter.projector),
-        "compressor": RoleSpec(model.adapter, ("compressor", "separator", "local_mlp")),
-        "llm": model.llm,
-        "vision": model.vision,
-    }
+    """Scheduler roles: the adapter's own (``adapter.roles()``), the LLM, the encoder."""
+    return {**model.adapter.roles(), "llm": model.llm, "vision": model.vision}
 
 
 def _batches(dataset, batch_size: int, pad_id: int, seed: int):

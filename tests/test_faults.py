@@ -148,7 +148,7 @@ def test_a_save_killed_between_the_two_files_leaves_the_old_pair_loadable(tmp_pa
 
     old = _adapter()
     save_module(old, tmp_path / "ck")
-    import slime_adapters.checkpoint as ckpt
+    import slime_adapters.checkpoint.modules as ckpt
 
     from slime_adapters.config import atomic_write_bytes as real
 
