@@ -400,6 +400,9 @@ def _progress(total: int, start: int, *, enabled: bool):
 if __name__ == "__main__":
     try:
         main()
-    except (TrainConfigError, FileNotFoundError) as exc:
-        print(f"train: {exc}", file=sys.stderr)
+    # the library's errors (bad records, images, checkpoints: ValueError subclasses) and a
+    # non-finite loss or feature name their problem: one line, exit status 2
+    except (TrainConfigError, FileNotFoundError, ValueError, FloatingPointError) as exc:
+        message = str(exc)
+        print(message if message.startswith("train: ") else f"train: {message}", file=sys.stderr)
         sys.exit(2)

@@ -265,6 +265,12 @@ def test_bad_images_are_listed_at_open_or_skipped_with_a_count(run, tmp_path, ca
                                          "data.generate": "", "training.max_steps": "1"})
     with pytest.raises(ValueError, match=r"2 of 16 images .* record 2 .* record 5"):
         main([*base, "--set", "data.check_images=true"])
+    # from the command line: one line, exit status 2
+    proc = subprocess.run([sys.executable, "-m", "recipes.train", *base,
+                           "--set", "data.check_images=true"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("train: 2 of 16 images")
     with pytest.warns(UserWarning, match="2 of 16 records"):
         report = main([*base, "--set", "data.skip_bad_images=true"])
     assert report["steps"] == 1
