@@ -20,7 +20,8 @@ Output folder (``training.output_dir``)::
     log.jsonl                one line per logged step (loss, lr, seconds)
     checkpoints/step-N/      resumable state (weights being trained, optimizer, RNG, step)
     checkpoints/latest       the newest complete checkpoint's name
-    final/                   the trained model (SliMEForCausalLM.save_pretrained); under ZeRO-3
+    final/                   the trained model, a standard Hugging Face folder
+                             (recipes.model_folder.save_model_folder); under ZeRO-3
                              with bf16 it holds DeepSpeed's 16-bit gathered weights, not the fp32
                              master copy, and the next stage starts from those
     report.json              steps, first and last loss, time
