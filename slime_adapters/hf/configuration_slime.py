@@ -14,13 +14,12 @@ Shapes: none.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from slime_adapters import SliMEVisualAdapterConfig, SlicerConfig
+from slime_adapters import SliMEVisualAdapter, SliMEVisualAdapterConfig, SlicerConfig
 
 __all__ = ["ENCODERS", "ROUTER_TEXT_RULES", "SliMEConfig", "encoder_kind"]
 
@@ -213,10 +212,9 @@ class SliMEConfig(PreTrainedConfig):
                              f"reads the vision encoder's tokens, of width {dv}")
         try:
             config = SliMEVisualAdapterConfig.from_dict(a)
+            # the modules' own checks (separator, views, a square query count, γ, ...), on the
+            # meta device: nothing is allocated
+            SliMEVisualAdapter.from_config(config, device="meta")
         except (TypeError, ValueError) as exc:
             raise ValueError(f"adapter_config: {exc}") from exc
-        side = math.isqrt(config.compressor.num_queries)
-        if side * side != config.compressor.num_queries:
-            raise ValueError(f"adapter_config.compressor.num_queries must be a perfect square, "
-                             f"got {config.compressor.num_queries}")
         return _plain(config.to_dict())

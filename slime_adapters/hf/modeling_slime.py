@@ -22,11 +22,13 @@ row-major order, image after image, and ``image_grids`` ``(b, 2)`` ``(cols, rows
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 from transformers.utils import ModelOutput
 
 from slime_adapters import SliMEVisualAdapter, VisualTokens, splice_into_embeddings
@@ -67,6 +69,40 @@ class SliMEOutput(ModelOutput):
     local_kept: Tensor | None = None
     router_keep_rate: Tensor | None = None
     gate_mean: Tensor | None = None
+
+
+def _part(mapping, config) -> nn.Module:
+    """The encoder or the LLM a sub-config describes, built by its class's constructor: inside
+    the composite's own construction (``from_pretrained``'s meta device or DeepSpeed's
+    ``zero.Init``) rather than through ``from_config``, which would open contexts of its own.
+
+    Raises:
+        ValueError: no transformers model class for the config (e.g. a ``text_config`` that is
+            not a causal LM's).
+    """
+    try:
+        klass = mapping[type(config)]
+    except KeyError:
+        kind = "causal LM" if mapping is MODEL_FOR_CAUSAL_LM_MAPPING else "model"
+        raise ValueError(f"transformers has no {kind} class for a {type(config).__name__} "
+                         f"(model_type {getattr(config, 'model_type', None)!r})") from None
+    return klass(config)
+
+
+def _whole_adapter(config: SliMEConfig) -> SliMEVisualAdapter:
+    """The adapter, built whole even inside DeepSpeed's ``zero.Init`` (ZeRO-3 loading): its
+    modules initialise their weights in their constructors, which partitioned tensors cannot
+    take. DeepSpeed's ``initialize`` partitions it later with the rest, as any module built
+    outside ``zero.Init``; DeepSpeed's own ``shutdown_init_context`` is meant for this."""
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    active = zero is not None and getattr(zero, "top_level_context", None) is not None
+    if active:
+        zero.shutdown_init_context()
+    try:
+        return SliMEVisualAdapter.from_config(config.adapter())
+    finally:
+        if active:
+            zero.restore_init_context()
 
 
 class SliMEPreTrainedModel(PreTrainedModel):
@@ -130,10 +166,10 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         for part in (vision, llm):
             if part is not None and attn.get(id(part)) is not None:
                 part.config._attn_implementation = attn[id(part)]
-        self.vision = vision if vision is not None else AutoModel.from_config(config.vision_config)
-        self.llm = llm if llm is not None else AutoModelForCausalLM.from_config(config.text_config)
-        self.adapter = (adapter if adapter is not None
-                        else SliMEVisualAdapter.from_config(config.adapter()))
+        self.vision = vision if vision is not None else _part(MODEL_MAPPING, config.vision_config)
+        self.llm = llm if llm is not None else _part(MODEL_FOR_CAUSAL_LM_MAPPING,
+                                                     config.text_config)
+        self.adapter = adapter if adapter is not None else _whole_adapter(config)
         emb = self.llm.get_input_embeddings()
         if emb.embedding_dim != self.adapter.llm_dim:
             raise ValueError(f"the adapter's LLM width {self.adapter.llm_dim} differs from the "
