@@ -219,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         template = get_template(args.template or extra.get("template") or "qa")
         template.encode(tokenizer, _conversation(args.question), for_generation=True,
                         image_token=image_token_of(model, tokenizer))
+        template.stop_token_ids(tokenizer)  # a template whose stop text the tokenizer lacks
         sliced = slicer_for(model, extra.get("slicer"))(args.image)
     except (FileNotFoundError, ValueError) as exc:  # SlicingError and TemplateError included
         return fail(str(exc))

@@ -48,6 +48,11 @@ class SliMEImageProcessor(BaseImageProcessor):
     def __init__(self, **kwargs: Any) -> None:
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _SLICER_KEYS}
         kwargs.pop("image_processor_type", None)
+        unknown = sorted(k for k in kwargs if not k.startswith("_")
+                         and k not in ("processor_class", "auto_map"))
+        if unknown:
+            raise ValueError(f"SliMEImageProcessor: unknown keyword(s) {unknown}; the slicer's "
+                             f"are {list(_SLICER_KEYS)}")
         super().__init__(**kwargs)
         try:
             self.slicer = AdaptiveSlicer(**settings)
