@@ -80,7 +80,7 @@ class Built:
     model: Any  # slime_adapters.hf.SliMEForConditionalGeneration
     tokenizer: Any
     roles: dict[str, RoleSpec | nn.Module]
-    config: dict[str, Any]  # the normalised, JSON-ready cfg (also ``model.build_config``)
+    config: dict[str, Any]  # the normalised, JSON-ready cfg (also ``model.config.recipe_config``)
 
 
 # ------------------------------------------------------------------------------------ building

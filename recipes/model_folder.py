@@ -209,7 +209,8 @@ def check_model_folder(directory: str | os.PathLike[str]):
                 raise ValueError(f"{str(f)!r}: weight {key!r} is {info.get('dtype')}, not a "
                                  "floating-point dtype")
             found[key] = info
-    missing = sorted(k for k in expected if k not in found and k not in tied)
+    names = _model_names(meta, found, expected)
+    missing = sorted(k for k in expected if k not in names and k not in tied)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8
                                            else "")
@@ -220,6 +221,26 @@ def check_model_folder(directory: str | os.PathLike[str]):
         raise FileNotFoundError(f"{str(directory / 'tokenizer.json')!r} is missing (the folder "
                                 "has tokenizer_config.json but no tokenizer file)")
     return config
+
+
+def _model_names(meta, found, expected) -> set[str]:
+    """The files' keys in the model's naming: transformers renames legacy checkpoint keys while
+    it loads (a CLIP encoder's ``vision_model.`` prefix, which a save from a given state dict
+    writes back), and the check must see what loading will see."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:  # another transformers: the keys as they are
+        return set(found)
+    transforms = get_model_conversion_mapping(meta)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return {rename_source_key(k, renamings, converters, meta.base_model_prefix, expected)[0]
+            for k in found}
 
 
 # --------------------------------------------------------------------------------- save / load

@@ -335,3 +335,26 @@ def test_import_slime_adapters_needs_only_the_core():
             "bad = [m for m in ('transformers', 'slime_adapters.hf', 'peft', 'recipes') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_router_text_rules(parts):
+    """``question``: the processor's question ids steer the router; ``prompt``: every text token
+    of the prompt does (the answers excluded), with no question ids needed."""
+    model, proc, images, folder = parts
+    inputs = proc.apply_chat_template(conv(images[0]))
+    no_question = {k: v for k, v in inputs.items() if not k.startswith("question")}
+    with pytest.raises(ValueError, match="needs text_embeds"):
+        model(**no_question)
+    prompt = SliMEForConditionalGeneration.from_pretrained(folder, router_text="prompt").eval()
+    assert prompt.config.router_text == "prompt"
+    ids = inputs["input_ids"]
+    mask = ids != model.config.image_token_id
+    with torch.no_grad():
+        got = prompt(**no_question)
+        want = model.get_visual_tokens(
+            inputs["pixel_values"], inputs["tile_pixel_values"], inputs["image_grids"],
+            text_embeds=model.get_input_embeddings()(ids), text_mask=mask)
+        by_question = model(**inputs)
+    assert torch.equal(got.local_kept, want.aux.num_kept)
+    assert torch.equal(got.visual_lengths, want.lengths)
+    assert by_question.local_kept is not None

@@ -173,3 +173,28 @@ def test_chat_refuses_a_template_the_tokenizer_cannot_stop(good, capsys):
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "template 'plain' ends answers with '\\n'" in err, err
+
+
+def test_sharded_weights_are_checked_shard_by_shard(good, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from recipes.model_folder import load_model_folder
+
+    model, processor = load_model_folder(good[0])
+    folder = tmp_path / "sharded"
+    model.save_pretrained(folder, max_shard_size="100KB")
+    processor.save_pretrained(folder)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    check_model_folder(folder)
+    batch = processor.apply_chat_template(
+        [{"from": "human", "value": "<image>\nwhat color is the square ?"}], images=[good[1]])
+    with torch.no_grad():
+        assert torch.equal(AutoModelForImageTextToText.from_pretrained(folder)(**batch).logits,
+                           model(**batch).logits)
+    _truncate(shards[1], -10)
+    with pytest.raises(ValueError, match=f"{shards[1].name}' is truncated"):
+        check_model_folder(folder)
+    shards[1].unlink()
+    with pytest.raises(FileNotFoundError, match=f"{shards[1].name}' is missing"):
+        check_model_folder(folder)

@@ -286,7 +286,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
                                  "(NaN or inf): check that image's pixels and the encoder's "
                                  "weights")
 
-    def _router_text(self, input_ids, attention_mask, labels, question_ids, question_mask):
+    def _router_text(self, input_ids, attention_mask, labels):
         """``(text_embeds, text_mask)`` for the router under ``config.router_text``, or
         ``(None, None)`` to let the question ids speak."""
         if self.config.router_text == "question":
@@ -334,8 +334,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
             lab = None if labels is None else labels.to(dev)
             visual = visual_tokens
             if visual is None:
-                text, text_mask = self._router_text(input_ids, am, lab, question_ids,
-                                                    question_mask)
+                text, text_mask = self._router_text(input_ids, am, lab)
                 visual = self.get_visual_tokens(
                     pixel_values, tile_pixel_values, image_grids, images=images,
                     question_ids=question_ids, question_mask=question_mask, text_embeds=text,
@@ -411,8 +410,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
                           else attention_mask.to(dev))
         visual = visual_tokens
         if visual is None:
-            text, text_mask = self._router_text(input_ids, attention_mask, None, question_ids,
-                                                question_mask)
+            text, text_mask = self._router_text(input_ids, attention_mask, None)
             visual = self.get_visual_tokens(
                 pixel_values, tile_pixel_values, image_grids, images=images,
                 question_ids=question_ids, question_mask=question_mask, text_embeds=text,
