@@ -34,8 +34,9 @@ key, e.g. ``model.vision.typo``; a missing folder raises ``FileNotFoundError`` n
 
 The LLM's embeddings are resized when tokens were added; a tokenizer without a pad token gets its
 unk (else eos) token as pad. Roles for
-:class:`slime_adapters.AlternatingScheduler`: the projector's ``mlp_expert``, ``query_expert`` and
-``gate``; ``compressor`` (the adapter's local path: compressor, separator, own local MLP); ``llm``
+:class:`slime_adapters.AlternatingScheduler`: the adapter's own (``adapter.roles()``:
+``mlp_expert`` with the learned separator, ``query_expert``, ``gate``, ``compressor`` with the own
+local MLP; every adapter parameter in exactly one); ``llm``
 (without LoRA: the whole LLM; with LoRA: every LLM parameter but the LoRA ones); ``llm_lora`` (the
 LoRA parameters, with LoRA only); ``vision``.
 
@@ -65,7 +66,7 @@ from recipes.model_config import (
     parse_model_config,
 )
 from recipes.model_folder import load_complete, load_model_folder, quiet_transformers
-from slime_adapters import RoleSpec, SliMEVisualAdapter, SliMEVisualAdapterConfig, projector_roles
+from slime_adapters import RoleSpec, SliMEVisualAdapter, SliMEVisualAdapterConfig
 
 __all__ = ["Built", "build_model", "roles_of"]
 
@@ -375,10 +376,7 @@ def roles_of(model) -> dict[str, RoleSpec | nn.Module]:
     Returns:
         ``{role: RoleSpec or module}`` for :class:`slime_adapters.AlternatingScheduler`.
     """
-    roles: dict[str, RoleSpec | nn.Module] = {
-        **projector_roles(model.adapter.projector),
-        "compressor": RoleSpec(model.adapter, ("compressor", "separator", "local_mlp")),
-    }
+    roles: dict[str, RoleSpec | nn.Module] = dict(model.adapter.roles())
     names = [n for n, _ in model.llm.named_parameters()]
     lora = tuple(n for n in names if _is_lora_name(n))
     if lora:

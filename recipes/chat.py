@@ -34,7 +34,8 @@ from recipes.model_folder import load_model_folder
 from recipes.templates import IMAGE_TOKEN, ChatTemplate, get_template
 from slime_adapters import AdaptiveSlicer, SlicedImage, SlicerConfig, collate
 
-__all__ = ["ChatAnswer", "answer", "load_chat_model", "main", "respond", "slicer_for"]
+__all__ = ["ChatAnswer", "answer", "generation_inputs", "load_chat_model", "main", "respond",
+           "slicer_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,16 +119,11 @@ def respond(model, tokenizer, image: Any, question: str, *,
             or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     template = get_template(template) if isinstance(template, str) else template
-    enc = template.encode(tokenizer, _conversation(question), for_generation=True,
-                          image_token=image_token_of(model, tokenizer))
+    ids, question_ids, question_mask = generation_inputs(
+        template, tokenizer, _conversation(question), image_token_of(model, tokenizer))
     sliced = image if isinstance(image, SlicedImage) else (slicer or slicer_for(model))(image)
     model.eval()
     images = collate([sliced])
-    ids = torch.tensor([enc.input_ids])
-    # a question with no text (the template took it all) routes as "no text": keep everything
-    q = enc.question_ids or [tokenizer.pad_token_id or 0]
-    question_ids = torch.tensor([q])
-    question_mask = torch.tensor([[bool(enc.question_ids)] * len(q)])
     visual = model.get_visual_tokens(images=images, question_ids=question_ids,
                                      question_mask=question_mask, router_gamma=router_gamma,
                                      views=views, force_expert=force_expert)
@@ -145,6 +141,22 @@ def respond(model, tokenizer, image: Any, question: str, *,
         token_ids=kept, generated_ids=generated, visual_tokens=int(visual.lengths[0]),
         local_offered=None if aux.num_local is None else int(aux.num_local[0]),
         local_kept=None if aux.num_kept is None else int(aux.num_kept[0]))
+
+
+def generation_inputs(template: ChatTemplate, tokenizer, conversation: Sequence[Mapping[str, str]],
+                      image_token: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompt ids ``(1, t)`` of ``conversation`` (ending with the human turn to answer) and the
+    router's question ids and mask ``(1, l)``: the template's ``question_ids``, the same text
+    training gives the router (:mod:`recipes.templates`).
+
+    Raises:
+        TemplateError: the template refuses the conversation.
+    """
+    enc = template.encode(tokenizer, conversation, for_generation=True, image_token=image_token)
+    # a question with no text (the template took it all) routes as "no text": keep everything
+    q = enc.question_ids or [tokenizer.pad_token_id or 0]
+    return (torch.tensor([enc.input_ids]), torch.tensor([q]),
+            torch.tensor([[bool(enc.question_ids)] * len(q)]))
 
 
 def answer(model, tokenizer, image: Any, question: str, **kwargs) -> str:

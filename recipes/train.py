@@ -68,7 +68,7 @@ def resolve_stage(cfg: dict[str, Any], role_names: list[str]):
         TrainConfigError: the stage name is not in the preset, or an override is invalid.
     """
     from slime_adapters import alternating, paper_stages, reference_stages
-    from slime_adapters.stages import ScheduleError
+    from slime_adapters.schedule import ScheduleError
 
     s, t = cfg["stage"], cfg["training"]
     roles = [r for r in role_names if r != "vision"]

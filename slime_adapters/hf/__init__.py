@@ -24,11 +24,8 @@ from transformers import (
 )
 
 from slime_adapters.hf.configuration_slime import SliMEConfig
-from slime_adapters.hf.modeling_slime import (
-    SliMEForConditionalGeneration,
-    SliMEOutput,
-    SliMEPreTrainedModel,
-)
+from slime_adapters.hf.modeling_slime import SliMEForConditionalGeneration, SliMEPreTrainedModel
+from slime_adapters.hf.outputs import SliMEOutput
 from slime_adapters.hf.processing_slime import SliMEImageProcessor, SliMEProcessor
 
 __all__ = ["SliMEConfig", "SliMEForConditionalGeneration", "SliMEImageProcessor", "SliMEOutput",

@@ -19,7 +19,9 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from slime_adapters import SliMEVisualAdapter, SliMEVisualAdapterConfig, SlicerConfig
+from slime_adapters.adapter import SliMEVisualAdapter
+from slime_adapters.adapter_config import SliMEVisualAdapterConfig
+from slime_adapters.slicing.config import SlicerConfig
 
 __all__ = ["ENCODERS", "ROUTER_TEXT_RULES", "SliMEConfig", "encoder_kind"]
 

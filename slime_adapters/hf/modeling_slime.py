@@ -23,52 +23,18 @@ row-major order, image after image, and ``image_grids`` ``(b, 2)`` ``(cols, rows
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
-from transformers.utils import ModelOutput
 
-from slime_adapters import SliMEVisualAdapter, VisualTokens, splice_into_embeddings
+from slime_adapters.adapter import SliMEVisualAdapter, VisualTokens
 from slime_adapters.hf.configuration_slime import SliMEConfig
+from slime_adapters.hf.outputs import PromptStreamer, SliMEOutput
+from slime_adapters.splice import splice_into_embeddings
 
 __all__ = ["SliMEForConditionalGeneration", "SliMEOutput", "SliMEPreTrainedModel"]
-
-
-@dataclass
-class SliMEOutput(ModelOutput):
-    """What :meth:`SliMEForConditionalGeneration.forward` returns (subscriptable by name, as
-    every ``ModelOutput``; ``None`` fields are left out of ``to_tuple()``).
-
-    loss: LM loss plus the adapter's auxiliary (load-balancing) loss, when ``labels`` are given.
-    lm_loss, aux_loss: the two parts.
-    logits: ``(b, t', vocab)`` over the spliced sequence.
-    cache: the KV cache (transformers 5 names ``past_key_values`` ``cache``).
-    hidden_states, attentions: the LLM's, when asked for.
-    attention_mask: ``(b, t')`` the spliced sequence's mask (what the logits line up with).
-    labels: ``(b, t')`` the spliced labels (``-100`` at visual tokens and padding).
-    visual_lengths: ``(b,)`` visual tokens each image put into the sequence.
-    local_offered, local_kept: ``(b,)`` local tokens offered to / kept by the router.
-    router_keep_rate: ``(b,)`` ``local_kept / local_offered`` (float32).
-    gate_mean: ``(2,)`` mean MoE gate per expert (MLP, query expert) over the batch.
-    """
-
-    loss: Tensor | None = None
-    lm_loss: Tensor | None = None
-    aux_loss: Tensor | None = None
-    logits: Tensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[Tensor, ...] | None = None
-    attentions: tuple[Tensor, ...] | None = None
-    attention_mask: Tensor | None = None
-    labels: Tensor | None = None
-    visual_lengths: Tensor | None = None
-    local_offered: Tensor | None = None
-    local_kept: Tensor | None = None
-    router_keep_rate: Tensor | None = None
-    gate_mean: Tensor | None = None
 
 
 def _part(mapping, config) -> nn.Module:
@@ -128,22 +94,6 @@ class SliMEPreTrainedModel(PreTrainedModel):
             for sub in module.modules():
                 if hasattr(sub, "reset_parameters"):
                     sub.reset_parameters()
-
-
-class _PromptStreamer:
-    """Hands a streamer the prompt as the caller gave it (placeholders, not the spliced ids)."""
-
-    def __init__(self, streamer, prompt: Tensor) -> None:
-        self.streamer, self.prompt, self.first = streamer, prompt, True
-
-    def put(self, value: Tensor) -> None:
-        if self.first:
-            self.first = False
-            value = self.prompt
-        self.streamer.put(value)
-
-    def end(self) -> None:
-        self.streamer.end()
 
 
 class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
@@ -431,7 +381,7 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         out = super().generate(input_ids=ids, inputs_embeds=spliced.inputs_embeds,
                                attention_mask=spliced.attention_mask,
                                streamer=None if streamer is None
-                               else _PromptStreamer(streamer, input_ids.cpu()), **kwargs)
+                               else PromptStreamer(streamer, input_ids.cpu()), **kwargs)
         sequences = out if isinstance(out, Tensor) else out.sequences
         new = sequences[:, ids.shape[1]:]
         prompt = input_ids.repeat_interleave(new.shape[0] // input_ids.shape[0], dim=0)

@@ -22,7 +22,9 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
-from slime_adapters import AdaptiveSlicer, SlicedImage, SlicerConfig, collate
+from slime_adapters.slicing.batch import SlicedImage, collate
+from slime_adapters.slicing.config import SlicerConfig
+from slime_adapters.slicing.slicer import AdaptiveSlicer
 from slime_adapters.hf.configuration_slime import encoder_kind
 
 __all__ = ["SliMEImageProcessor", "SliMEProcessor", "conversation_turns"]
@@ -161,15 +163,20 @@ def conversation_turns(conversation: Sequence[Mapping[str, Any]], image_token: s
     return turns, images
 
 
-def _encode_turns(template: str, tokenizer, turns, *, for_generation: bool, image_token: str):
-    """The one place that renders and labels a conversation with a named chat format."""
-    from recipes.templates import get_template
+def _encode_turns(template: str | None, tokenizer, turns, *, for_generation: bool,
+                  image_token: str):
+    """The one place that renders and labels a conversation: a named SliME chat format, or the
+    tokenizer's own chat template for ``None`` (:func:`recipes.templates.encode_chat`)."""
+    from recipes.templates import encode_chat
 
-    return get_template(template).encode(tokenizer, turns, for_generation=for_generation,
-                                         image_token=image_token)
+    return encode_chat(tokenizer, turns, template=template, for_generation=for_generation,
+                       image_token=image_token)
 
 
-def _prompt_text(template: str, tokenizer, turns, *, for_generation: bool) -> str:
+def _prompt_text(template: str | None, tokenizer, turns, *, for_generation: bool) -> str:
+    if template is None:
+        raise ValueError("tokenize=False needs a named chat format (the processor's template "
+                         "is the tokenizer's own chat template)")
     from recipes.templates import get_template
 
     return get_template(template).prompt_text(turns, for_generation=for_generation,
@@ -178,7 +185,8 @@ def _prompt_text(template: str, tokenizer, turns, *, for_generation: bool) -> st
 
 class SliMEProcessor(ProcessorMixin):
     """Tokenizer + :class:`SliMEImageProcessor` + a SliME chat format (``template``: a
-    :func:`recipes.templates.get_template` name: ``qa``, ``plain``, ``vicuna-v1``, ``llama-3``).
+    :func:`recipes.templates.get_template` name: ``qa``, ``plain``, ``vicuna-v1``, ``llama-3``,
+    ...; ``None``: the tokenizer's own chat template).
 
     ``processor(images=..., text=...)`` tokenises prompts that are already written (one
     ``image_token`` per image; the whole text without the placeholder steers the router);
@@ -186,7 +194,7 @@ class SliMEProcessor(ProcessorMixin):
     the router and, for a conversation that ends with an answer, the labels.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, template: str = "qa",
+    def __init__(self, image_processor=None, tokenizer=None, template: str | None = "qa",
                  image_token: str = "<image>", chat_template=None, **kwargs) -> None:
         self.template = template
         self.image_token = image_token

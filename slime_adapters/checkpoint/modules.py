@@ -299,14 +299,3 @@ def load_module(
     if dtype is not None:
         module.to(dtype=dtype)
     return module
-
-
-# ---- released SliME weights (import / export), public here ----
-from slime_adapters._released import (  # noqa: E402  (needs CheckpointError defined above)
-    ReleasedWeights,
-    export_released,
-    import_released,
-    save_released,
-)
-
-__all__ += ["ReleasedWeights", "export_released", "import_released", "save_released"]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from slime_adapters.slicing import SlicingError
+from slime_adapters.slicing.plan import SlicingError
 
 __all__ = [
     "check_size",
