@@ -242,6 +242,15 @@ def _normalise(spec: dict[str, Any], vision: nn.Module, llm: nn.Module) -> SliME
     return config
 
 
+def _normalisation(spec: dict[str, Any], vision: nn.Module) -> dict[str, Any]:
+    """The slicer's mean and std: the encoder folder's own image processor's, else its family's
+    (CLIP's or SigLIP's)."""
+    from slime_adapters.hf import SliMEImageProcessor
+
+    ip = SliMEImageProcessor.for_encoder(vision.config, spec["vision"].get("path"))
+    return {"mean": list(ip.mean), "std": list(ip.std)}
+
+
 def _base(llm: nn.Module) -> nn.Module:
     return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
@@ -329,7 +338,7 @@ def build_model(cfg: Mapping[str, Any]) -> Built:
         config = SliMEConfig(vision_config=vision.config, text_config=llm.config,
                              adapter_config=spec["adapter"], image_token_id=image_id,
                              separator_token_id=sep_id, feature_layer=spec["feature_layer"],
-                             drop_cls=spec["drop_cls"],
+                             drop_cls=spec["drop_cls"], slicer_config=_normalisation(spec, vision),
                              tie_word_embeddings=bool(llm.config.tie_word_embeddings))
     except ValueError as exc:
         raise ValueError(f"{TOP}: {exc}") from exc

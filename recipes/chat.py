@@ -58,8 +58,8 @@ class ChatAnswer:
 
 
 def slicer_for(model, saved: Mapping[str, Any] | None = None) -> AdaptiveSlicer:
-    """The slicer of a saved model: ``AdaptiveSlicer(**saved)``, the tile size defaulting to the
-    vision encoder's image size.
+    """The slicer of a model: its config's ``slicer_config`` (the encoder's tile size, mean and
+    std) with the keywords of ``saved`` (e.g. a training configuration's ``data.slicer``) over it.
 
     Raises:
         ValueError: ``saved`` is not a mapping, or holds keywords the slicer refuses.
@@ -67,10 +67,7 @@ def slicer_for(model, saved: Mapping[str, Any] | None = None) -> AdaptiveSlicer:
     if saved is not None and not isinstance(saved, Mapping):
         raise ValueError(f"the saved slicer must be a dict of AdaptiveSlicer keywords, got "
                          f"{type(saved).__name__}")
-    kwargs = dict(saved or {})
-    size = getattr(getattr(model.vision, "config", None), "image_size", None)
-    if size is not None:
-        kwargs.setdefault("tile_size", int(size))
+    kwargs = {**(getattr(model.config, "slicer_config", None) or {}), **(saved or {})}
     unknown = sorted(set(kwargs) - set(SlicerConfig.__dataclass_fields__) - {"kind"})
     if unknown:
         raise ValueError(f"the saved slicer keywords {sorted(kwargs)} do not fit AdaptiveSlicer: "

@@ -181,6 +181,9 @@ def test_encoders_from_saved_folders(tmp_path):
     }
     for name, source in sources.items():
         source.save_pretrained(tmp_path / name)
+        if name == "clip_full":  # a folder with its own image processor config
+            (tmp_path / name / "preprocessor_config.json").write_text(json.dumps(
+                {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}))
         b = build(tiny(vision={"path": str(tmp_path / name)}))
         tower = source.vision_model if "full" in name else source
         expect = weights(tower)
@@ -188,6 +191,13 @@ def test_encoders_from_saved_folders(tmp_path):
         assert set(got) == set(expect), name
         assert all(torch.equal(got[k], expect[k]) for k in got), name
         siglip = name.startswith("siglip")
+        # the encoder family's normalisation reaches the config and the slicer
+        from recipes.chat import slicer_for
+
+        mean = ([0.5] * 3 if siglip else [0.1, 0.2, 0.3] if name == "clip_full"
+                else pytest.approx([0.48145466, 0.4578275, 0.40821073]))
+        assert b.model.config.slicer_config["mean"] == mean
+        assert list(slicer_for(b.model, {"max_tiles": 2}).config.mean) == mean
         # SigLIP has no CLS token: nothing to drop, 64 tokens per view either way
         assert b.config["drop_cls"] is (not siglip)
         assert b.config["adapter"]["projector"]["num_tokens"] == 64
