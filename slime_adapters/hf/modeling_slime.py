@@ -149,11 +149,8 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------------ visual tokens
     def encode_views(self, pixels: Tensor) -> Tensor:
-        """``(v, 3, T, T)`` normalised views → ``(v, s, dv)`` features of ``config.feature_layer``.
-
-        Raises:
-            FloatingPointError: a view's features are not finite (NaN or inf).
-        """
+        """``(v, 3, T, T)`` normalised views → ``(v, s, dv)`` features of ``config.feature_layer``
+        (:meth:`get_visual_tokens` checks that they are finite)."""
         dtype = next(self.vision.parameters()).dtype
         out = self.vision(pixel_values=pixels.to(dtype), output_hidden_states=True)
         feats = out.hidden_states[self.config.feature_layer]
