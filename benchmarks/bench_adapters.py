@@ -6,7 +6,7 @@ each and sent through the projector's MLP. Widths: the full Dv=1024 / Dl=4096 on
 reduced Dv=256 / Dl=512 on CPU (fp32) unless ``--vision-dim`` / ``--llm-dim`` say otherwise;
 ``--tiny`` shrinks everything for the smoke test.
 
-The oracles (:mod:`slime_adapters.ops.reference`) are per-view / per-tile, per-head loops with the
+The oracles (:mod:`slime_adapters.testing`) are per-view / per-tile, per-head loops with the
 formulas written out: a faithful per-sample port of the released math. Each is checked against
 the fast module before anything is timed; then both are timed in the same run
 (``torch.utils.benchmark``, warm-up, median; ``--rounds`` round-robin repetitions so that load
@@ -37,7 +37,7 @@ import torch
 from torch.utils import benchmark
 
 from slime_adapters.compressor import QueryCompressor
-from slime_adapters.ops.reference import noisy_moe_reference, query_compressor_reference
+from slime_adapters.testing import noisy_moe_reference, query_compressor_reference
 from slime_adapters.projector import NoisyMoEProjector
 
 # SPEC §4, released code's own math on one H200, bf16, milliseconds

@@ -13,7 +13,7 @@ the SPEC §4 scenario's per-image visual-token counts (576 global + 1 separator 
 1368, 1502, 1103, 845), a quarter of them on the CPU.
 
 Every backend is checked against the float64 loop oracle
-(:func:`~slime_adapters.ops.reference.attention_reference`, on the same rounded inputs) before
+(:func:`~slime_adapters.testing.attention_reference`, on the same rounded inputs) before
 it is timed: forward output and the gradients of q, k, v. A backend that cannot run an input
 (xformers on the CPU, or whose probe failed) is skipped with its reasons recorded; one that
 disagrees with the oracle is not timed, recorded, and makes the run exit with status 1 after the
@@ -49,7 +49,7 @@ from benchmarks._common import (
 )
 from slime_adapters.ops.attention import BACKENDS, ProbeCache, attention, backend_reasons, \
     select_backend
-from slime_adapters.ops.reference import attention_reference
+from slime_adapters.testing import attention_reference
 
 # SPEC §4 scenario: 576 global tokens + 1 separator + the kept local tokens of its four images
 PACKED_LENGTHS = (1945, 2079, 1680, 1422)

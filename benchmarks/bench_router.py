@@ -44,8 +44,9 @@ from benchmarks._common import (
     summarise,
     time_fn,
 )
-from slime_adapters.ops.reference import router_reference, router_reference_released
-from slime_adapters.router import CosineTokenRouter, pooled_cosine_scores
+from slime_adapters.testing import router_reference, router_reference_released
+from slime_adapters.router import CosineTokenRouter
+from slime_adapters.router_scores import pooled_cosine_scores
 
 TEXT_TOPIC = 0.8
 CPU_TIMING_MAX_TOKENS = 1296

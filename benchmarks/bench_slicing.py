@@ -14,7 +14,7 @@ Same generated images (varied sizes and PIL modes) for every contender, in one r
 * ``slicer_paper``: the default paper policy (more tiles for large images; for information).
 
 Before timing, the default slicer is also checked against the float64 loop oracle
-:func:`slime_adapters.ops.reference.slice_image_reference`. Timing: ``torch.utils.benchmark``,
+:func:`slime_adapters.testing.slice_image_reference`. Timing: ``torch.utils.benchmark``,
 one warm-up pass, then ``--repeats`` interleaved passes over all images, medians. The images/s
 ratio ``slicer_llava / llava_next`` is printed last. Results go to
 ``<out>/bench_slicing_<device>_torch<version>_<commit>.json``.
@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils import benchmark as tbench
 
 from slime_adapters.config import atomic_write_text
-from slime_adapters.ops.reference import slice_image_reference
+from slime_adapters.testing import slice_image_reference
 from slime_adapters.slicing import LLAVA_NEXT_PINPOINTS, AdaptiveSlicer, plan_grid, visual_token_count
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ test.
 The oracle (:func:`stack_oracle`) is a faithful per-sample port of the released code: image by
 image, the projector's two experts (the query expert as ``nn.MultiheadAttention``'s functional
 form with the stacked in-projection), the sampler over that image's tiles, the MLP, the raster
-made by reshaping the tile grid, and :func:`~slime_adapters.ops.reference.router_reference_released`
+made by reshaping the tile grid, and :func:`~slime_adapters.testing.router_reference_released`
 (its (n, l, d) cosine broadcast). It is checked against the fast module before anything is timed
 (output values and kept-token counts), then both are timed in the same run, forward and
 forward+backward (gradients of every adapter parameter), with peak memory. Results go to
@@ -50,7 +50,7 @@ from benchmarks._common import (
 )
 from slime_adapters.adapter import SliMEVisualAdapter
 from slime_adapters.compressor import QueryCompressor, QueryCompressorConfig
-from slime_adapters.ops.reference import router_reference_released
+from slime_adapters.testing import router_reference_released
 from slime_adapters.projector import NoisyMoEProjectorConfig
 from slime_adapters.router import CosineTokenRouterConfig
 from slime_adapters.slicing import plan_grid

@@ -45,7 +45,6 @@ from recipes.data import LlavaJsonDataset, build_word_tokenizer
 from recipes.demo_report import summarise, write_outputs
 from recipes.demo_stage0 import ImageFeatures, encode_images, stage0_encoder
 from slime_adapters import AdaptiveSlicer, AlternatingScheduler, Stage, paper_stages
-from slime_adapters.splice import splice_into_embeddings
 
 VARIANTS = ("global-only", "slime", "slime-all-local")
 ABLATION = ("slime-joint", "local-only")
@@ -99,20 +98,16 @@ def visual_tokens(model, batch, *, views: str, router_gamma=None, force_expert=N
 
 
 def training_loss(model, batch, visual):
-    embeds = model.llm.get_input_embeddings()(batch.input_ids)
-    spliced = splice_into_embeddings(embeds, batch.input_ids, model.image_token_id, visual,
-                                     labels=batch.labels, attention_mask=batch.attention_mask)
-    out = model.llm(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
-                    position_ids=spliced.position_ids, labels=spliced.labels)
-    aux = visual.aux.aux_loss
-    return out.loss if aux is None else out.loss + aux
+    """The LM loss on the answers (plus the projector's balance loss) with ``visual`` spliced in."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 labels=batch.labels, visual_tokens=visual).loss
 
 
 def answer_ids(model, batch, visual):
     """The first answer token of every prompt (greedy)."""
-    new = model.generate(images=None, input_ids=batch.prompt_ids,
-                         attention_mask=batch.prompt_mask, max_new_tokens=1, visual=visual)
-    return new[:, 0]
+    out = model.generate(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                         visual_tokens=visual, max_new_tokens=1, do_sample=False)
+    return out[:, batch.prompt_ids.shape[1]]
 # ======================================================================= end of model calls
 
 

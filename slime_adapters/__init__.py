@@ -4,10 +4,7 @@ Public names are imported on first use, so ``from slime_adapters.slicing import 
 in an environment without torch, and ``import slime_adapters`` stays cheap.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+import importlib as _importlib
 
 __version__ = "0.1.0.dev0"
 
@@ -20,16 +17,16 @@ _EXPORTS = {
     "AttentionInputError": "ops.attention",
     "BackendUnavailableError": "ops.attention",
     # slicing
-    "AdaptiveSlicer": "slicing",
-    "SlicerConfig": "slicing",
-    "SlicePlan": "slicing",
-    "SlicedImage": "slicing",
-    "SlicedBatch": "slicing",
-    "SlicingError": "slicing",
-    "plan_grid": "slicing",
-    "visual_token_count": "slicing",
-    "collate": "slicing",
-    "LLAVA_NEXT_PINPOINTS": "slicing",
+    "AdaptiveSlicer": "slicing.slicer",
+    "SlicerConfig": "slicing.config",
+    "SlicePlan": "slicing.plan",
+    "SlicedImage": "slicing.batch",
+    "SlicedBatch": "slicing.batch",
+    "SlicingError": "slicing.plan",
+    "plan_grid": "slicing.plan",
+    "visual_token_count": "slicing.plan",
+    "collate": "slicing.batch",
+    "LLAVA_NEXT_PINPOINTS": "slicing.plan",
     # adapters
     "QueryCompressor": "compressor",
     "QueryCompressorConfig": "compressor",
@@ -42,33 +39,34 @@ _EXPORTS = {
     "PackedTokens": "router",
     "PaddedTokens": "router",
     "RouterInputError": "router",
-    "pooled_cosine_scores": "router",
-    "pooled_text_direction": "router",
-    "cosine_scores_to": "router",
+    "pooled_cosine_scores": "router_scores",
+    "pooled_text_direction": "router_scores",
+    "cosine_scores_to": "router_scores",
     "SliMEVisualAdapter": "adapter",
-    "SliMEVisualAdapterConfig": "adapter",
+    "SliMEVisualAdapterConfig": "adapter_config",
     "VisualTokens": "adapter",
     "AdapterAux": "adapter",
     "splice_into_embeddings": "splice",
     "SplicedInputs": "splice",
     # training schedule
-    "Stage": "stages",
-    "ScheduleError": "stages",
-    "paper_stages": "stages",
-    "reference_stages": "stages",
-    "alternating": "stages",
-    "AlternatingScheduler": "schedule",
-    "RoleSpec": "schedule",
-    "projector_roles": "schedule",
+    "Stage": "schedule.stages",
+    "ScheduleError": "schedule.stages",
+    "paper_stages": "schedule.stages",
+    "reference_stages": "schedule.stages",
+    "alternating": "schedule.stages",
+    "AlternatingScheduler": "schedule.scheduler",
+    "RoleSpec": "schedule.roles",
+    "projector_roles": "schedule.roles",
+    "role_coverage": "schedule.roles",
     # checkpoints and configs
-    "save_module": "checkpoint",
-    "load_module": "checkpoint",
-    "register_module": "checkpoint",
-    "CheckpointError": "checkpoint",
-    "ReleasedWeights": "checkpoint",
-    "import_released": "checkpoint",
-    "export_released": "checkpoint",
-    "save_released": "checkpoint",
+    "save_module": "checkpoint.modules",
+    "load_module": "checkpoint.modules",
+    "register_module": "checkpoint.modules",
+    "CheckpointError": "checkpoint.modules",
+    "ReleasedWeights": "checkpoint.released",
+    "import_released": "checkpoint.released",
+    "export_released": "checkpoint.released",
+    "save_released": "checkpoint.released",
     "ConfigError": "config",
     "UnknownConfigKeyWarning": "config",
 }
@@ -76,14 +74,15 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'slime_adapters' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"slime_adapters.{module}"), name)
+    value = getattr(_importlib.import_module(f"slime_adapters.{module}"), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    # the public names and the module's own dunders (no helper imports, no loaded submodules)
+    return sorted(set(__all__) | {k for k in globals() if k.startswith("__")})

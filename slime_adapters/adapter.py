@@ -21,22 +21,20 @@ without a host synchronisation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from slime_adapters.adapter_config import SliMEVisualAdapterConfig
 from slime_adapters.compressor import QueryCompressor, QueryCompressorConfig
-from slime_adapters.config import ConfigBase, ConfigurableMixin
+from slime_adapters.config import ConfigurableMixin
+from slime_adapters.layers import mlp
 from slime_adapters.projector import MoEOutput, NoisyMoEProjector, NoisyMoEProjectorConfig
-from slime_adapters.router import (
-    CosineTokenRouter,
-    CosineTokenRouterConfig,
-    RouterOutput,
-    _check_gamma,
-    cosine_scores_to,
-    pooled_text_direction,
-)
+from slime_adapters.router import CosineTokenRouter, CosineTokenRouterConfig, RouterOutput, check_gamma
+from slime_adapters.router_scores import cosine_scores_to, pooled_text_direction
+from slime_adapters.schedule.roles import RoleSpec
+from slime_adapters.slicing.plan import VIEWS
 
 __all__ = [
     "AdapterAux",
@@ -44,25 +42,9 @@ __all__ = [
     "SliMEVisualAdapterConfig",
     "VisualTokens",
     "local_raster_index",
-]
+]  # SliMEVisualAdapterConfig lives in slime_adapters.adapter_config (re-exported here)
 
-VIEWS = ("global", "local", "both")
-SEPARATORS = ("learned", "embedding", "none")
-LOCAL_MLPS = ("shared", "own")
 _HOST = torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class SliMEVisualAdapterConfig(ConfigBase):
-    """Configuration of :class:`SliMEVisualAdapter`; the sub-module configs are nested."""
-
-    kind = "slime_visual_adapter"
-    projector: NoisyMoEProjectorConfig = field(default_factory=NoisyMoEProjectorConfig)
-    compressor: QueryCompressorConfig = field(default_factory=QueryCompressorConfig)
-    router: CosineTokenRouterConfig = field(default_factory=CosineTokenRouterConfig)
-    separator: str = "learned"
-    local_mlp: str = "shared"
-    views: str = "both"
 
 
 @dataclass
@@ -167,46 +149,53 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if separator not in SEPARATORS:
-            raise ValueError(f"separator must be one of {SEPARATORS}, got {separator!r}")
-        if local_mlp not in LOCAL_MLPS:
-            raise ValueError(f"local_mlp must be one of {LOCAL_MLPS}, got {local_mlp!r}")
-        if views not in VIEWS:
-            raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
-        comp_out = compressor.out_dim or compressor.dim
-        if comp_out != projector.in_dim:
-            raise ValueError(
-                f"compressor output width ({comp_out}) must equal the projector's in_dim "
-                f"({projector.in_dim}): compressed tiles go through the projector's MLP"
-            )
-        side = int(round(compressor.num_queries ** 0.5))
-        if side * side != compressor.num_queries:
-            raise ValueError(
-                f"compressor.num_queries must be a perfect square to lay tiles out on a grid, "
-                f"got {compressor.num_queries}"
-            )
-        self.config = SliMEVisualAdapterConfig(
+        self._config = SliMEVisualAdapterConfig(
             projector=projector, compressor=compressor, router=router, separator=separator,
             local_mlp=local_mlp, views=views,
         )
+        cfg = self._config
         factory = {"device": device, "dtype": dtype}
-        self.projector = NoisyMoEProjector.from_config(projector, **factory)
-        self.compressor = QueryCompressor.from_config(compressor, **factory)
-        self.router = CosineTokenRouter.from_config(router, **factory)
-        self.local_mlp = (
-            nn.Sequential(
-                nn.Linear(projector.in_dim, projector.out_dim, **factory),
-                nn.GELU(),
-                nn.Linear(projector.out_dim, projector.out_dim, **factory),
-            )
-            if local_mlp == "own"
-            else None
-        )
-        self.separator = (
-            nn.Parameter(torch.empty(projector.out_dim, **factory)) if separator == "learned" else None
-        )
-        self.tokens_side = side
+        self.projector = NoisyMoEProjector.from_config(cfg.projector, **factory)
+        self.compressor = QueryCompressor.from_config(cfg.compressor, **factory)
+        self.router = CosineTokenRouter.from_config(cfg.router, **factory)
+        out = cfg.projector.out_dim
+        self.local_mlp = mlp(cfg.projector.in_dim, out, **factory) if local_mlp == "own" else None
+        self.separator = (nn.Parameter(torch.empty(out, **factory)) if separator == "learned"
+                          else None)
+        self.tokens_side = int(round(cfg.compressor.num_queries ** 0.5))
         self.reset_parameters()
+
+    @property
+    def config(self) -> SliMEVisualAdapterConfig:
+        """The adapter's config, with the sub-modules' configs as they are now (a setting changed
+        on a sub-module, e.g. ``adapter.projector.force_expert = 0``, shows here and is saved)."""
+        return self._config.replace(projector=self.projector.config,
+                                    compressor=self.compressor.config, router=self.router.config)
+
+    @property
+    def views(self) -> str:
+        """The default views; setting it updates ``config`` (validated)."""
+        return self._config.views
+
+    @views.setter
+    def views(self, value: str) -> None:
+        self._config = self._config.replace(views=value)
+
+    def roles(self) -> dict[str, RoleSpec]:
+        """The paper's training roles over this adapter, covering every parameter exactly once.
+
+        ``mlp_expert``: the projector's MLP and the learned separator (both map into the LLM
+        space; the separator trains in the stages that train the projector's MLP and in the
+        joint stage); ``query_expert``: the projector's query expert (and its own MLP);
+        ``gate``: the projector's gate and noise weights; ``compressor``: the tile compressor and
+        the own local MLP (``local_mlp="own"``). The router has no parameters.
+        """
+        return {
+            "mlp_expert": RoleSpec(self, ("projector.mlp", "separator")),
+            "query_expert": RoleSpec(self, ("projector.query_expert", "projector.query_mlp")),
+            "gate": RoleSpec(self, ("projector.w_gate", "projector.w_noise")),
+            "compressor": RoleSpec(self, ("compressor", "local_mlp")),
+        }
 
     def reset_parameters(self) -> None:
         """(Re-)initialise the adapter's own parameter, the learned separator (normal, std 0.02).
@@ -218,7 +207,7 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
 
     @property
     def llm_dim(self) -> int:
-        return self.config.projector.out_dim
+        return self.projector.out_dim
 
     # ------------------------------------------------------------------------------------- paths
 
@@ -266,7 +255,7 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
         Raises:
             ValueError: a missing input for the requested views, or shapes that do not agree.
         """
-        views = self.config.views if views is None else views
+        views = self._config.views if views is None else views
         if views not in VIEWS:
             raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
         use_global, use_local = views != "local", views != "global"
@@ -318,7 +307,7 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
         moe = routed = num_local = local = None
         if use_global:
             moe = self.projector(global_features, force_expert=force_expert)
-        num_sep = 1 if use_global and use_local and self.config.separator != "none" else 0
+        num_sep = 1 if use_global and use_local and self._config.separator != "none" else 0
         num_global = moe.tokens.shape[1] if moe is not None else 0
         base = num_global + num_sep  # rows of every image before its local tokens
         if not use_local:
@@ -369,7 +358,7 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
         return VisualTokens(out[:total], lengths, cu, num_global, num_sep, aux)
 
     def _separator(self, batch: int, separator_embeds: Tensor | None, like: Tensor) -> Tensor:
-        if self.config.separator == "learned":
+        if self._config.separator == "learned":
             return self.separator.to(like.dtype).expand(batch, -1)
         if separator_embeds is None:
             raise ValueError(
@@ -396,7 +385,7 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
     ) -> RouterOutput:
         """Route the local tokens of every image on its raster. The tokens stay packed
         ``(p, q, dl)``: only their scalar scores are scattered onto the ``(b, n_max)`` raster."""
-        gamma_eff = self.router.config.gamma if gamma is None else _check_gamma(gamma,
+        gamma_eff = self.router.config.gamma if gamma is None else check_gamma(gamma,
                                                                                 "router_gamma")
         if text_embeds is None:
             if gamma_eff < 1.0:

@@ -27,7 +27,7 @@ keeps it out of optimizers and ZeRO partitioning while the state-dict key stays 
 get a table for their own √s × √s grid:
 
 * ``mode="paper"``: the same sin-cos function evaluated exactly at the key cells' centres in
-  query-grid units (:func:`slime_adapters._posembed.sincos_2d` with ``ref_side``), so a query and
+  query-grid units (:func:`slime_adapters.layers.sincos_2d` with ``ref_side``), so a query and
   the keys covering the same area of the tile carry matching positions.
 * ``mode="reference"``: the released rule, ``pos_embed`` resized bicubically to the key grid
   (identity when the grids are equal); a freshly built table is rounded through float16 as the
@@ -46,27 +46,26 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from slime_adapters._posembed import grid_side, interpolate_table_bicubic, sincos_2d
-from slime_adapters.config import ConfigBase, ConfigurableMixin
+from slime_adapters.config import (
+    ConfigBase,
+    ConfigError,
+    ConfigurableMixin,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    config_field,
+    config_setting,
+    refuse_removed_keywords,
+)
+from slime_adapters.layers import grid_side, interpolate_table_bicubic, sincos_2d
 from slime_adapters.ops.attention import BACKENDS, attention
 
-__all__ = ["QueryCompressor", "QueryCompressorConfig"]
+__all__ = ["MODES", "QueryCompressor", "QueryCompressorConfig", "default_num_heads"]
 
 MODES = ("paper", "reference")
 POS_EMBEDS = ("sincos2d", "none")
-
-
-def _check_choice(name: str, value: object, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, "
-                         f"got {value!r}")
+ATTN_BACKENDS = ("auto", *BACKENDS)
 
 
 def default_num_heads(dim: int) -> int:
@@ -76,7 +75,8 @@ def default_num_heads(dim: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class QueryCompressorConfig(ConfigBase):
-    """Constructor keywords of :class:`QueryCompressor` (see there)."""
+    """Constructor keywords of :class:`QueryCompressor` (see there); every field is validated
+    on construction (:class:`~slime_adapters.config.ConfigError` naming the field)."""
 
     kind: ClassVar[str] = "query_compressor"
 
@@ -90,6 +90,34 @@ class QueryCompressorConfig(ConfigBase):
     mode: str = "paper"
     check_finite: bool = False
     attn_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_int(owner, "dim", self.dim, minimum=1)
+        check_int(owner, "num_queries", self.num_queries, minimum=1)
+        for name in ("num_heads", "kv_dim", "out_dim"):
+            check_int(owner, name, getattr(self, name), minimum=1, allow_none=True)
+        check_choice(owner, "pos_embed", self.pos_embed, POS_EMBEDS)
+        check_number(owner, "norm_eps", self.norm_eps, above=0)
+        check_choice(owner, "mode", self.mode, MODES)
+        check_bool(owner, "check_finite", self.check_finite)
+        check_choice(owner, "attn_backend", self.attn_backend, ATTN_BACKENDS)
+        heads = self.heads
+        if self.dim % heads:
+            raise ConfigError(f"{owner}: num_heads={heads} does not divide dim={self.dim}")
+        if self.pos_embed == "sincos2d":
+            try:
+                grid_side(self.num_queries, "num_queries")
+            except ValueError as exc:
+                raise ConfigError(f"{owner}: {exc}") from None
+            if self.dim % 4:
+                raise ConfigError(
+                    f"{owner}: dim must be a multiple of 4 for pos_embed='sincos2d', got {self.dim}")
+
+    @property
+    def heads(self) -> int:
+        """The head count in use (``num_heads``, or the released rule when it is None)."""
+        return default_num_heads(self.dim) if self.num_heads is None else self.num_heads
 
 
 class QueryCompressor(ConfigurableMixin, nn.Module):
@@ -107,15 +135,16 @@ class QueryCompressor(ConfigurableMixin, nn.Module):
         norm_eps: LayerNorm epsilon.
         mode: ``"paper"`` or ``"reference"``: how keys get positions (module docstring).
         check_finite: check in ``forward`` that the unpadded input is finite (one device sync).
-        attn_backend: ``"auto"``, ``"xformers"``, ``"sdpa"`` or ``"math"``; kept as the instance
-            attribute ``attn_backend`` so it can be changed after construction.
+        attn_backend: ``"auto"``, ``"xformers"``, ``"sdpa"`` or ``"math"``. It and
+            ``check_finite`` can be changed after construction (``module.attn_backend = "math"``):
+            the change goes into ``module.config``, so a save records what ran.
         device, dtype: where and in which dtype parameters and buffers are created (``"meta"``
             works; call :meth:`reset_parameters` after materialising).
 
     Raises:
-        ValueError: an argument is out of range or unknown, ``num_heads`` does not divide
-            ``dim``, ``num_queries`` is not a square or ``dim`` not a multiple of 4 while 2-D
-            positions are asked for.
+        ConfigError: (a ``ValueError``) an argument is out of range or unknown, ``num_heads``
+            does not divide ``dim``, ``num_queries`` is not a square or ``dim`` not a multiple of
+            4 while 2-D positions are asked for (see :class:`QueryCompressorConfig`).
     """
 
     config_class = QueryCompressorConfig
@@ -137,50 +166,40 @@ class QueryCompressor(ConfigurableMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int("dim", dim)
-        _check_positive_int("num_queries", num_queries)
-        _check_positive_int("num_heads", num_heads, allow_none=True)
-        _check_positive_int("kv_dim", kv_dim, allow_none=True)
-        _check_positive_int("out_dim", out_dim, allow_none=True)
-        _check_choice("pos_embed", pos_embed, POS_EMBEDS)
-        _check_choice("mode", mode, MODES)
-        _check_choice("attn_backend", attn_backend, ("auto", *BACKENDS))
-        if not (isinstance(norm_eps, int | float) and norm_eps > 0):
-            raise ValueError(f"norm_eps must be a positive number, got {norm_eps!r}")
-        heads = default_num_heads(dim) if num_heads is None else num_heads
-        if dim % heads:
-            raise ValueError(f"num_heads={heads} does not divide dim={dim}")
-        if pos_embed == "sincos2d":
-            grid_side(num_queries, "num_queries")
-            if dim % 4:
-                raise ValueError(f"dim must be a multiple of 4 for pos_embed='sincos2d', got {dim}")
-
         self.config = QueryCompressorConfig(
             dim=dim, num_queries=num_queries, num_heads=num_heads, kv_dim=kv_dim,
-            out_dim=out_dim, pos_embed=pos_embed, norm_eps=float(norm_eps), mode=mode,
+            out_dim=out_dim, pos_embed=pos_embed, norm_eps=norm_eps, mode=mode,
             check_finite=check_finite, attn_backend=attn_backend,
         )
-        self.dim, self.num_queries, self.num_heads = dim, num_queries, heads
-        self.kv_dim = dim if kv_dim is None else kv_dim
-        self.out_dim = dim if out_dim is None else out_dim
-        self.mode, self.check_finite, self.attn_backend = mode, check_finite, attn_backend
-        self.use_pos = pos_embed == "sincos2d"
-
+        cfg = self.config
+        dim, kv, out = cfg.dim, self.kv_dim, cfg.out_dim
         fk = {"device": device, "dtype": dtype}
-        self.query = nn.Parameter(torch.empty(num_queries, dim, **fk))
-        self.register_buffer("pos_embed", torch.empty(num_queries, dim, **fk) if self.use_pos
-                             else None)
-        self.kv_proj = (nn.Linear(self.kv_dim, dim, bias=False, **fk) if self.kv_dim != dim
-                        else nn.Identity())
-        self.ln_q = nn.LayerNorm(dim, eps=norm_eps, **fk)
-        self.ln_kv = nn.LayerNorm(dim, eps=norm_eps, **fk)
+        self.query = nn.Parameter(torch.empty(cfg.num_queries, dim, **fk))
+        self.register_buffer("pos_embed", torch.empty(cfg.num_queries, dim, **fk)
+                             if self.use_pos else None)
+        self.kv_proj = nn.Linear(kv, dim, bias=False, **fk) if kv != dim else nn.Identity()
+        self.ln_q = nn.LayerNorm(dim, eps=cfg.norm_eps, **fk)
+        self.ln_kv = nn.LayerNorm(dim, eps=cfg.norm_eps, **fk)
         self.q_proj = nn.Linear(dim, dim, **fk)
         self.k_proj = nn.Linear(dim, dim, **fk)
         self.v_proj = nn.Linear(dim, dim, **fk)
         self.out_proj = nn.Linear(dim, dim, **fk)
-        self.ln_post = nn.LayerNorm(dim, eps=norm_eps, **fk)
-        self.proj = nn.Linear(dim, out_dim, **fk) if out_dim is not None else nn.Identity()
+        self.ln_post = nn.LayerNorm(dim, eps=cfg.norm_eps, **fk)
+        self.proj = nn.Linear(dim, out, **fk) if out is not None else nn.Identity()
         self.reset_parameters()
+
+    # ---- settings, read from the config (what is saved is what runs) ----------------------
+
+    dim = config_field("dim", "Model width d.")
+    num_queries = config_field("num_queries", "Queries per tile.")
+    mode = config_field("mode", '"paper" or "reference".')
+    num_heads = property(lambda self: self.config.heads, doc="Attention heads in use.")
+    kv_dim = property(lambda self: self.config.kv_dim or self.config.dim, doc="Input width.")
+    out_dim = property(lambda self: self.config.out_dim or self.config.dim, doc="Output width.")
+    use_pos = property(lambda self: self.config.pos_embed == "sincos2d",
+                       doc="Whether 2-D sin-cos positions are used.")
+    attn_backend = config_setting("attn_backend", "The attention backend.")
+    check_finite = config_setting("check_finite", "Whether ``forward`` checks its input.")
 
     # ----------------------------------------------------------------------------------------
 
@@ -226,7 +245,7 @@ class QueryCompressor(ConfigurableMixin, nn.Module):
         q_side = grid_side(self.num_queries, "num_queries")
         return sincos_2d(side, self.dim, ref_side=q_side, device=device, dtype=dtype)
 
-    def _validate(self, x: Tensor, key_padding_mask: Tensor | None) -> None:
+    def _validate(self, x: Tensor, key_mask: Tensor | None) -> None:
         if not isinstance(x, Tensor):
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3:
@@ -238,33 +257,42 @@ class QueryCompressor(ConfigurableMixin, nn.Module):
             raise ValueError("x has no tokens per tile (x.shape[1] == 0): nothing to attend to")
         if not x.dtype.is_floating_point:
             raise ValueError(f"x must be floating point, got {x.dtype}")
-        if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-                raise ValueError("key_padding_mask must be a bool tensor (True = padding)")
-            if tuple(key_padding_mask.shape) != tuple(x.shape[:2]):
-                raise ValueError(f"key_padding_mask must have shape (tiles, tokens) = "
-                                 f"{tuple(x.shape[:2])}, got {tuple(key_padding_mask.shape)}")
+        weight = next(self.parameters())
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{type(self).__name__}: x is {x.dtype} but the module's weights are "
+                             f"{weight.dtype}; cast one to the other or run under torch.autocast")
+        if key_mask is not None:
+            if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+                kind = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__
+                raise ValueError("key_mask must be a bool tensor (True = a valid token, False = "
+                                 f"padding), got {kind}")
+            if tuple(key_mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"key_mask must have shape (tiles, tokens) = "
+                                 f"{tuple(x.shape[:2])}, got {tuple(key_mask.shape)}")
 
-    def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, key_mask: Tensor | None = None, **removed: object) -> Tensor:
         """Compress all tiles in one batched call.
 
         Args:
             x: ``(p, s, kv_dim)`` tile features; ``s`` a perfect square with 2-D positions.
-            key_padding_mask: optional ``(p, s)`` bool, True marks a padded token that no query
-                sees; whatever it holds (NaN included) cannot reach the output or the gradients.
+            key_mask: optional ``(p, s)`` bool, **True = a valid token** (transformers'
+                ``attention_mask`` convention), False = padding that no query sees; whatever
+                padding holds (NaN included) cannot reach the output or the gradients. The former
+                ``key_padding_mask`` (True = padding) raises :class:`TypeError` naming this one.
 
         Returns:
             ``(p, num_queries, out_dim)`` (``dim`` when ``out_dim`` is None), in the
             computation dtype (the input's, or autocast's).
 
         Raises:
-            ValueError: wrong type, rank or width of ``x``; bad ``key_padding_mask``; ``s`` not a
+            ValueError: wrong type, rank or width of ``x``; bad ``key_mask``; ``s`` not a
                 square with 2-D positions; non-finite unpadded input with ``check_finite``.
         """
-        self._validate(x, key_padding_mask)
-        if key_padding_mask is not None:
+        refuse_removed_keywords("QueryCompressor.forward", removed)
+        self._validate(x, key_mask)
+        if key_mask is not None:
             # zero padding before any arithmetic: a NaN there would poison LayerNorm's backward
-            x = x.masked_fill(key_padding_mask[..., None], 0)
+            x = x.masked_fill(~key_mask[..., None], 0)
         if self.check_finite:
             bad = ~torch.isfinite(x)
             if bool(bad.any()):
@@ -286,7 +314,7 @@ class QueryCompressor(ConfigurableMixin, nn.Module):
             q.reshape(1, self.num_queries, h, hd).expand(p, -1, -1, -1),  # (p, q, h, k)
             k.reshape(p, s, h, hd),
             v.reshape(p, s, h, hd),
-            key_padding_mask=key_padding_mask,
+            key_mask=key_mask,
             backend=self.attn_backend,
         )
         out = self.out_proj(out.reshape(p, self.num_queries, self.dim))

@@ -37,9 +37,10 @@ module also falls back to the MLP alone for inputs whose token count is not 576;
 the caller's choice (``projector.mlp(tokens)``), and ``forward`` rejects such input instead of
 branching on shapes.
 
-Roles (names the :class:`~slime_adapters.schedule.AlternatingScheduler` uses):
-``mlp_expert`` = ``mlp.*``; ``query_expert`` = ``query_expert.*`` (plus ``query_mlp.*`` when the
-MLP is not shared); ``gate`` = ``w_gate``, ``w_noise``.
+Roles (:meth:`NoisyMoEProjector.roles`, what the
+:class:`~slime_adapters.schedule.AlternatingScheduler` trains): ``mlp_expert`` = ``mlp.*``;
+``query_expert`` = ``query_expert.*`` (plus ``query_mlp.*`` when the MLP is not shared);
+``gate`` = ``w_gate``, ``w_noise``. Together they hold every parameter exactly once.
 
 Every rank runs the same kernels whatever the gates say (the mixture is dense), so sharded
 training (ZeRO-3) cannot hang on a data-dependent expert choice.
@@ -55,10 +56,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slime_adapters._posembed import grid_side
-from slime_adapters.compressor import MODES, QueryCompressor, _check_choice, _check_positive_int
-from slime_adapters.config import ConfigBase, ConfigurableMixin
-from slime_adapters.ops.attention import BACKENDS
+from slime_adapters.compressor import ATTN_BACKENDS, MODES, QueryCompressor, default_num_heads
+from slime_adapters.config import (
+    ConfigBase,
+    ConfigError,
+    ConfigurableMixin,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    config_field,
+    config_setting,
+)
+from slime_adapters.layers import grid_side, mlp
+from slime_adapters.schedule.roles import RoleSpec
 
 __all__ = ["MoEOutput", "NoisyMoEProjector", "NoisyMoEProjectorConfig"]
 
@@ -103,16 +114,34 @@ class NoisyMoEProjectorConfig(ConfigBase):
     check_finite: bool = False
     attn_backend: str = "auto"
 
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for name in ("in_dim", "out_dim", "num_tokens"):
+            check_int(owner, name, getattr(self, name), minimum=1)
+        check_int(owner, "num_heads", self.num_heads, minimum=1, allow_none=True)
+        check_choice(owner, "noise", self.noise, NOISES)
+        check_bool(owner, "shared_mlp", self.shared_mlp)
+        check_number(owner, "balance_loss_coef", self.balance_loss_coef, minimum=0)
+        _check_expert("force_expert", self.force_expert, ConfigError, f"{owner}: ")
+        check_choice(owner, "mode", self.mode, MODES)
+        check_bool(owner, "check_finite", self.check_finite)
+        check_choice(owner, "attn_backend", self.attn_backend, ATTN_BACKENDS)
+        try:
+            grid_side(self.num_tokens, "num_tokens")
+        except ValueError as exc:
+            raise ConfigError(f"{owner}: {exc}") from None
+        heads = default_num_heads(self.in_dim) if self.num_heads is None else self.num_heads
+        if self.in_dim % heads:
+            raise ConfigError(f"{owner}: num_heads={heads} does not divide dim={self.in_dim} "
+                              "(the query expert's width is in_dim)")
 
-def _check_expert(name: str, value: object) -> None:
-    if value is not None and (isinstance(value, bool) or value not in (0, 1)):
-        raise ValueError(f"{name} must be None, 0 (MLP expert) or 1 (query expert), got {value!r}")
 
-
-def _mlp(in_dim: int, out_dim: int, fk: dict) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(in_dim, out_dim, **fk), nn.GELU(), nn.Linear(out_dim, out_dim, **fk)
-    )
+def _check_expert(name: str, value: object, error: type[Exception] = ValueError,
+                  prefix: str = "") -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value not in (0, 1)):
+        raise error(f"{prefix}{name} must be None, 0 (MLP expert) or 1 (query expert), "
+                    f"got {value!r}")
 
 
 class NoisyMoEProjector(ConfigurableMixin, nn.Module):
@@ -141,7 +170,8 @@ class NoisyMoEProjector(ConfigurableMixin, nn.Module):
         device, dtype: where and in which dtype parameters are created (``"meta"`` works).
 
     Raises:
-        ValueError: an argument is out of range or unknown, or ``num_tokens`` is not a square.
+        ConfigError: (a ``ValueError``) an argument is out of range or unknown, or
+            ``num_tokens`` is not a square (see :class:`NoisyMoEProjectorConfig`).
     """
 
     config_class = NoisyMoEProjectorConfig
@@ -164,49 +194,60 @@ class NoisyMoEProjector(ConfigurableMixin, nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("num_tokens", num_tokens)):
-            _check_positive_int(name, value)
-        grid_side(num_tokens, "num_tokens")
-        _check_choice("noise", noise, NOISES)
-        _check_choice("mode", mode, MODES)
-        _check_choice("attn_backend", attn_backend, ("auto", *BACKENDS))
-        _check_expert("force_expert", force_expert)
-        if not (isinstance(balance_loss_coef, int | float) and balance_loss_coef >= 0):
-            raise ValueError(f"balance_loss_coef must be a number >= 0, got {balance_loss_coef!r}")
         self.config = NoisyMoEProjectorConfig(
             in_dim=in_dim, out_dim=out_dim, num_tokens=num_tokens, num_heads=num_heads,
-            noise=noise, shared_mlp=bool(shared_mlp), balance_loss_coef=float(balance_loss_coef),
+            noise=noise, shared_mlp=shared_mlp, balance_loss_coef=balance_loss_coef,
             force_expert=force_expert, mode=mode, check_finite=check_finite,
             attn_backend=attn_backend,
         )
-        self.in_dim, self.out_dim, self.num_tokens = in_dim, out_dim, num_tokens
-        self.noise, self.mode, self.shared_mlp = noise, mode, bool(shared_mlp)
-        self.balance_loss_coef = float(balance_loss_coef)
-        self.force_expert, self.check_finite = force_expert, check_finite
+        cfg = self.config
         # exact either way; tests flip it to compare the one-W2 path with two W2 products
         self.fuse_w2 = True
 
         fk = {"device": device, "dtype": dtype}
-        self.mlp = _mlp(in_dim, out_dim, fk)
+        self.mlp = mlp(cfg.in_dim, cfg.out_dim, **fk)
         self.query_expert = QueryCompressor(
-            dim=in_dim, num_queries=num_tokens, num_heads=num_heads, mode=mode,
-            attn_backend=attn_backend, **fk,
+            dim=cfg.in_dim, num_queries=cfg.num_tokens, num_heads=cfg.num_heads, mode=cfg.mode,
+            attn_backend=cfg.attn_backend, **fk,
         )
-        self.query_mlp = None if self.shared_mlp else _mlp(in_dim, out_dim, fk)
-        self.w_gate = nn.Parameter(torch.zeros(in_dim, NUM_EXPERTS, **fk))
-        self.w_noise = nn.Parameter(torch.zeros(in_dim, NUM_EXPERTS, **fk))
-        if mode == "reference":
+        self.query_mlp = None if cfg.shared_mlp else mlp(cfg.in_dim, cfg.out_dim, **fk)
+        self.w_gate = nn.Parameter(torch.zeros(cfg.in_dim, NUM_EXPERTS, **fk))
+        self.w_noise = nn.Parameter(torch.zeros(cfg.in_dim, NUM_EXPERTS, **fk))
+        if cfg.mode == "reference":
             self.register_buffer("mean", torch.zeros(1, **fk))
             self.register_buffer("std", torch.ones(1, **fk))
 
+    # ---- settings, read from the config (what is saved is what runs) ----------------------
+
+    in_dim = config_field("in_dim", "Vision feature width.")
+    out_dim = config_field("out_dim", "LLM width.")
+    num_tokens = config_field("num_tokens", "Tokens per view.")
+    noise = config_field("noise", '"learned" or "reference".')
+    mode = config_field("mode", '"paper" or "reference".')
+    shared_mlp = config_field("shared_mlp", "Whether the query expert's output goes through mlp.")
+    force_expert = config_setting("force_expert", "None (mixture), 0 or 1.")
+    balance_loss_coef = config_setting("balance_loss_coef", "Weight of the balancing loss.")
+    check_finite = config_setting("check_finite", "Whether ``forward`` checks its input.")
+
     @property
     def attn_backend(self) -> str:
-        """The query expert's attention backend (settable)."""
-        return self.query_expert.attn_backend
+        """The query expert's attention backend; setting it updates both modules' configs."""
+        return self.config.attn_backend
 
     @attn_backend.setter
     def attn_backend(self, value: str) -> None:
+        self.config = self.config.replace(attn_backend=value)
         self.query_expert.attn_backend = value
+
+    def roles(self) -> dict[str, RoleSpec]:
+        """The paper's roles inside the projector, covering every parameter exactly once:
+        ``mlp_expert`` (``mlp``), ``query_expert`` (``query_expert`` and, when not shared,
+        ``query_mlp``) and ``gate`` (``w_gate``, ``w_noise``)."""
+        return {
+            "mlp_expert": RoleSpec(self, ("mlp",)),
+            "query_expert": RoleSpec(self, ("query_expert", "query_mlp")),
+            "gate": RoleSpec(self, ("w_gate", "w_noise")),
+        }
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -311,6 +352,10 @@ class NoisyMoEProjector(ConfigurableMixin, nn.Module):
                 or ``noise_sample``; non-finite ``x`` with ``check_finite``.
         """
         self._validate(x, force_expert, noise_sample)
+        weight = self.w_gate
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{type(self).__name__}: x is {x.dtype} but the module's weights are "
+                             f"{weight.dtype}; cast one to the other or run under torch.autocast")
         expert = self.force_expert if force_expert is None else force_expert
         if self.check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError("x holds NaN or inf (check_finite=True)")

@@ -42,7 +42,9 @@ selective temperatures (0.01–0.1) and changes the kept count by tens of percen
    (a float cumsum may never reach exactly 1.0).
 6. K ← min(clamp(K, min_keep, max_keep), number of valid tokens); the first K sorted tokens are kept
    and the keep mask is scattered back to raster positions.
-7. A sample whose question has no valid token: ``on_empty_text="keep_all"`` (default) keeps all its
+7. A token whose score is NaN or ±inf (a non-finite feature) counts as masked: it is never kept and
+   the other tokens of its image are selected as if it were absent.
+8. A sample whose question has no valid token: ``on_empty_text="keep_all"`` (default) keeps all its
    valid image tokens, as γ = 1 would (captioning prompts carry no question; ``forward`` stays free
    of host synchronisation); ``on_empty_text="raise"`` raises :class:`RouterInputError`, which costs
    one host synchronisation per call.
@@ -69,26 +71,34 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from slime_adapters.config import ConfigBase, ConfigurableMixin
+from slime_adapters.config import (
+    ConfigBase,
+    ConfigurableMixin,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+)
+from slime_adapters.router_scores import pooled_cosine_scores
 
 __all__ = [
+    "CROSSINGS",
     "LEGACY_SOFTMAX_TEMPERATURE",
+    "ON_EMPTY_TEXT",
+    "TEXT_POOLS",
     "CosineTokenRouter",
     "CosineTokenRouterConfig",
     "PackedTokens",
     "PaddedTokens",
     "RouterInputError",
     "RouterOutput",
-    "cosine_scores_to",
-    "pooled_cosine_scores",
-    "pooled_text_direction",
+    "check_gamma",
 ]
 
 LEGACY_SOFTMAX_TEMPERATURE = 0.5
-_NORM_EPS = 1e-8
-_TEXT_POOLS = ("mean", "sum")
-_CROSSINGS = ("reach", "exceed")
-_ON_EMPTY = ("keep_all", "raise")
+TEXT_POOLS = ("mean", "sum")
+CROSSINGS = ("reach", "exceed")
+ON_EMPTY_TEXT = ("keep_all", "raise")
 
 
 class RouterInputError(ValueError):
@@ -169,8 +179,9 @@ class RouterOutput(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class CosineTokenRouterConfig(ConfigBase):
     """Configuration of :class:`CosineTokenRouter` (its constructor keywords). ``noise_std`` is
-    the std of the training noise on the logits ``scores / temperature``. Raises ValueError on an
-    unknown option or an out-of-range number."""
+    the std of the training noise on the logits ``scores / temperature``. Raises
+    :class:`~slime_adapters.config.ConfigError` (a ``ValueError``) naming the field on an unknown
+    option, a non-finite or out-of-range number, or a non-bool switch."""
 
     kind: ClassVar[str] = "cosine_token_router"
     gamma: float = 0.95
@@ -184,90 +195,23 @@ class CosineTokenRouterConfig(ConfigBase):
     on_empty_text: str = "keep_all"
 
     def __post_init__(self) -> None:
-        _check_gamma(self.gamma, "gamma")
-        if not self.noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-        if self.text_pool not in _TEXT_POOLS:
-            raise ValueError(f"text_pool must be one of {_TEXT_POOLS}, got {self.text_pool!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if (isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int)
-                or self.min_keep < 0):
-            raise ValueError(f"min_keep must be an int >= 0, got {self.min_keep!r}")
-        if self.max_keep is not None and (
-            isinstance(self.max_keep, bool) or not isinstance(self.max_keep, int)
-            or self.max_keep < max(self.min_keep, 1)
-        ):
-            raise ValueError(
-                f"max_keep must be None or an int >= max(min_keep, 1) = {max(self.min_keep, 1)}, "
-                f"got {self.max_keep!r}"
-            )
-        if self.crossing not in _CROSSINGS:
-            raise ValueError(f"crossing must be one of {_CROSSINGS}, got {self.crossing!r}")
-        if self.on_empty_text not in _ON_EMPTY:
-            raise ValueError(
-                f"on_empty_text must be one of {_ON_EMPTY}, got {self.on_empty_text!r}"
-            )
+        owner = type(self).__name__
+        check_number(owner, "gamma", self.gamma, above=0, maximum=1)
+        check_number(owner, "noise_std", self.noise_std, minimum=0)
+        check_choice(owner, "text_pool", self.text_pool, TEXT_POOLS)
+        check_number(owner, "temperature", self.temperature, above=0)
+        check_int(owner, "min_keep", self.min_keep, minimum=0)
+        check_int(owner, "max_keep", self.max_keep, minimum=max(self.min_keep, 1),
+                  allow_none=True)
+        check_bool(owner, "legacy_softmax", self.legacy_softmax)
+        check_choice(owner, "crossing", self.crossing, CROSSINGS)
+        check_choice(owner, "on_empty_text", self.on_empty_text, ON_EMPTY_TEXT)
 
 
-def _check_gamma(gamma: float, name: str) -> float:
+def check_gamma(gamma: float, name: str) -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not 0 < gamma <= 1:
         raise RouterInputError(f"{name} must be a number in (0, 1], got {gamma!r}")
     return float(gamma)
-
-
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    out = torch.float32
-    for dt in dtypes:
-        out = torch.promote_types(out, dt)
-    return out
-
-
-def pooled_cosine_scores(
-    image_tokens: Tensor, text_embeds: Tensor, *, text_mask: Tensor | None = None,
-    text_pool: str = "mean",
-) -> Tensor:
-    """Mean (or sum) over valid text tokens of cos(v_i, e_j), as v̂_i · pool(ê_j).
-
-    ``image_tokens`` (b, n, d), ``text_embeds`` (b, l, d), ``text_mask`` (b, l) bool True = valid.
-    Returns (b, n) in float32 (float64 for float64 input). Masked text tokens never contribute,
-    whatever they hold (NaN included); a question with no valid token scores 0 everywhere. No
-    gradient flows back (routing decisions are not differentiable). Inputs are not validated here.
-    """
-    cd = _compute_dtype(image_tokens.dtype, text_embeds.dtype)
-    pooled = pooled_text_direction(text_embeds, text_mask=text_mask, text_pool=text_pool,
-                                   dtype=cd)
-    v = image_tokens.detach().to(cd)
-    dots = torch.einsum("bnd,bd->bn", v, pooled)
-    return dots / torch.linalg.vector_norm(v, dim=-1).clamp_min(_NORM_EPS)
-
-
-def pooled_text_direction(text_embeds: Tensor, *, text_mask: Tensor | None = None,
-                          text_pool: str = "mean", dtype: torch.dtype | None = None) -> Tensor:
-    """``pool(ê_j)``: the mean (or sum) over valid text tokens of the unit text embeddings,
-    ``(b, d)`` in ``dtype`` (default: float32, float64 for float64 input), detached. The pooled
-    cosine score of a token ``v`` is ``v̂ · pool(ê_j)``. Inputs are not validated here."""
-    cd = _compute_dtype(text_embeds.dtype) if dtype is None else dtype
-    e = text_embeds.detach().to(cd)
-    e = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
-    if text_mask is not None:
-        e = torch.where(text_mask.unsqueeze(-1), e, 0.0)
-    pooled = e.sum(dim=1)  # (b, d)
-    if text_pool == "mean":
-        count = e.new_full((e.shape[0],), e.shape[1]) if text_mask is None else text_mask.sum(1)
-        pooled = pooled / count.to(cd).clamp_min(1.0).unsqueeze(-1)
-    return pooled
-
-
-def cosine_scores_to(tokens: Tensor, directions: Tensor, owner: Tensor) -> Tensor:
-    """``v̂_t · directions[owner[t]]`` for tokens ``(t, d)`` that belong to different samples:
-    :func:`pooled_cosine_scores` for tokens held packed instead of ``(b, n, d)``.
-
-    ``directions`` (b, d) from :func:`pooled_text_direction`, ``owner`` (t,) long sample index.
-    Returns ``(t,)`` in ``directions``' dtype, detached. Inputs are not validated here."""
-    v = tokens.detach().to(directions.dtype)
-    dots = (v @ directions.T).gather(1, owner[:, None]).squeeze(1)  # (t, b) → (t,): b is small
-    return dots / torch.linalg.vector_norm(v, dim=-1).clamp_min(_NORM_EPS)
 
 
 def _masked_softmax(x: Tensor, valid: Tensor) -> Tensor:
@@ -287,7 +231,7 @@ class CosineTokenRouter(ConfigurableMixin, nn.Module):
     extra softmax(·/0.5); ``crossing`` ``"reach"`` (cumsum ≥ γ) or ``"exceed"`` (cumsum > γ, the
     released code's comparison); ``on_empty_text`` ``"keep_all"`` or ``"raise"``. ``device`` and
     ``dtype`` are accepted for a uniform constructor; the router has no parameters or buffers.
-    Raises ValueError on any invalid option.
+    Raises :class:`~slime_adapters.config.ConfigError` on any invalid option.
     """
 
     config_class = CosineTokenRouterConfig
@@ -411,11 +355,12 @@ class CosineTokenRouter(ConfigurableMixin, nn.Module):
         :class:`RouterInputError` on a bad γ. Shapes are not validated here.
         """
         cfg = self.config
-        gamma = cfg.gamma if gamma is None else _check_gamma(gamma, "gamma")
+        gamma = cfg.gamma if gamma is None else check_gamma(gamma, "gamma")
         b, n = scores.shape
         device = scores.device
         valid = (torch.ones(b, n, dtype=torch.bool, device=device) if image_mask is None
                  else image_mask)
+        valid = valid & torch.isfinite(scores)  # a NaN / inf score is never kept (rule 7)
         if cfg.legacy_softmax:
             scores = _masked_softmax(scores / LEGACY_SOFTMAX_TEMPERATURE, valid)
         if noise is not None:

@@ -11,7 +11,7 @@ from slime_adapters.adapter import (
     local_raster_index,
 )
 from slime_adapters.compressor import QueryCompressorConfig
-from slime_adapters.ops.reference import adapter_reference
+from slime_adapters.testing import adapter_reference
 from slime_adapters.projector import NoisyMoEProjectorConfig
 from slime_adapters.router import CosineTokenRouterConfig
 

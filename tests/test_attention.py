@@ -15,10 +15,11 @@ from slime_adapters.ops.attention import (
     backend_reasons,
     select_backend,
 )
-from slime_adapters.ops.reference import attention_reference
+from slime_adapters.testing import attention_reference
 
 # the package re-exports the function under the module's name; fetch the module itself
 attn_mod = importlib.import_module("slime_adapters.ops.attention")
+backends_mod = importlib.import_module("slime_adapters.ops.backends")
 
 CPU_BACKENDS = ("sdpa", "math")
 
@@ -120,9 +121,9 @@ def test_nan_in_padding_does_not_leak(backend):
     k_p, v_p = k.clone(), v.clone()
     k_p[pad] = float("nan")
     v_p[pad] = float("inf")
-    out = attention(q, k_p, v_p, key_padding_mask=pad, backend=backend)
+    out = attention(q, k_p, v_p, key_mask=~pad, backend=backend)
     assert torch.isfinite(out).all()
-    ref = attention_reference(q, k, v, key_padding_mask=pad)
+    ref = attention_reference(q, k, v, key_mask=~pad)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     # and equals attending to the valid keys only
     torch.testing.assert_close(out[0], attention_reference(q[:1], k[:1, :7], v[:1, :7])[0])
@@ -133,7 +134,7 @@ def test_fully_padded_row_gives_zeros(backend):
     q, k, v = _qkv(2, 3, 4, 1, 8)
     pad = torch.zeros(2, 4, dtype=torch.bool)
     pad[1] = True
-    out = attention(q, k, v, key_padding_mask=pad, backend=backend)
+    out = attention(q, k, v, key_mask=~pad, backend=backend)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     torch.testing.assert_close(out[0], attention_reference(q[:1], k[:1], v[:1])[0])
 
@@ -174,7 +175,7 @@ def test_auto_skips_backend_whose_probe_failed(monkeypatch):
     def broken(p):
         raise RuntimeError("no kernel image is available")
 
-    monkeypatch.setitem(attn_mod._IMPLS, "sdpa", broken)
+    monkeypatch.setitem(backends_mod.IMPLS, "sdpa", broken)
     cache = ProbeCache()
     assert select_backend(q, k, v, probe_cache=cache) == "math"
     out = attention(q, k, v, probe_cache=cache)
@@ -186,7 +187,7 @@ def test_auto_skips_backend_whose_probe_failed(monkeypatch):
 
 
 def test_probe_rejects_backend_with_wrong_results(monkeypatch):
-    monkeypatch.setitem(attn_mod._IMPLS, "sdpa", lambda p: attn_mod._IMPLS["math"](p) + 1.0)
+    monkeypatch.setitem(backends_mod.IMPLS, "sdpa", lambda p: backends_mod.IMPLS["math"](p) + 1.0)
     q, k, v = _qkv(1, 4, 4, 1, 8, dtype=torch.float32)
     cache = ProbeCache()
     assert "disagrees" in backend_reasons(q, k, v, probe_cache=cache)["sdpa"][0]
@@ -195,8 +196,8 @@ def test_probe_rejects_backend_with_wrong_results(monkeypatch):
 
 def test_probe_is_cached_per_device_and_dtype(monkeypatch):
     calls = []
-    real = attn_mod._probe_one
-    monkeypatch.setattr(attn_mod, "_probe_one", lambda *a: calls.append(a) or real(*a))
+    real = backends_mod._probe_one
+    monkeypatch.setattr(backends_mod, "_probe_one", lambda *a: calls.append(a) or real(*a))
     cache = ProbeCache()
     for dtype in (torch.float32, torch.float32, torch.float64, torch.float64):
         q, k, v = _qkv(1, 3, 3, 1, 8, dtype=dtype)
@@ -266,7 +267,7 @@ def test_bad_packed_arguments():
     with pytest.raises(AttentionInputError, match=r"sequences \[1\] have queries but no keys"):
         attention(q, k, v, seqlens=[3, 3], kv_seqlens=[6, 0])
     with pytest.raises(AttentionInputError, match="exclusive"):
-        attention(q, k, v, seqlens=[6], key_padding_mask=torch.zeros(1, 6, dtype=torch.bool))
+        attention(q, k, v, seqlens=[6], key_mask=torch.ones(1, 6, dtype=torch.bool))
     with pytest.raises(AttentionInputError, match="integer tensor"):
         attention(q, k, v, seqlens=torch.tensor([3.0, 3.0]))
     # lengths given as tensors are checked too (a negative one would corrupt memory)
@@ -280,10 +281,10 @@ def test_bad_packed_arguments():
 
 def test_bad_padding_mask():
     q, k, v = _qkv(2, 5, 6, 2, 8)
-    with pytest.raises(AttentionInputError, match="must be bool"):
-        attention(q, k, v, key_padding_mask=torch.zeros(2, 6))
+    with pytest.raises(AttentionInputError, match="key_mask must be a bool tensor"):
+        attention(q, k, v, key_mask=torch.zeros(2, 6))
     with pytest.raises(AttentionInputError, match=r"shape \(batch, keys\) = \(2, 6\)"):
-        attention(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+        attention(q, k, v, key_mask=torch.zeros(2, 5, dtype=torch.bool))
 
 
 def test_probe_verdict_does_not_depend_on_the_callers_autocast():
@@ -315,3 +316,29 @@ def test_math_backend_keeps_bfloat16_products_in_float32():
     assert out.dtype == torch.bfloat16
     rel = float((out.double() - ref).abs().max() / ref.abs().max())
     assert rel < 5e-3, rel
+
+
+# ---- one mask convention: True = a valid key ---------------------------------------------------
+@pytest.mark.parametrize("fn", [attention, select_backend, backend_reasons])
+def test_the_removed_padding_keyword_names_its_replacement(fn):
+    q, k, v = _qkv(1, 2, 3, 1, 4)
+    pad = torch.zeros(1, 3, dtype=torch.bool)
+    with pytest.raises(TypeError, match=r"no longer takes key_padding_mask=; pass key_mask "
+                                        r"\(True = a valid key.*key_mask=~key_padding_mask"):
+        fn(q, k, v, key_padding_mask=pad)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'mask'"):
+        fn(q, k, v, mask=pad)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_padding_convention_mask_gets_the_documented_result(backend):
+    """A caller who passes True = padding gets exactly the documented True = valid result: the
+    queries see the other keys (and a row of all-False gets zeros), never a silent mixture."""
+    q, k, v = _qkv(2, 3, 6, 1, 8)
+    valid = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    right = attention(q, k, v, key_mask=valid, backend=backend)
+    torch.testing.assert_close(right[0], attention_reference(q[:1], k[:1, :4], v[:1, :4])[0])
+    wrong = attention(q, k, v, key_mask=~valid, backend=backend)  # the padding convention
+    torch.testing.assert_close(wrong[0], attention_reference(q[:1], k[:1, 4:], v[:1, 4:])[0])
+    assert torch.equal(wrong[1], torch.zeros_like(wrong[1]))  # no valid key: zeros
+    assert not torch.allclose(wrong[0], right[0])

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from slime_adapters._posembed import interpolate_table_bicubic, sincos_2d
+from slime_adapters.layers import interpolate_table_bicubic, sincos_2d
 from slime_adapters.compressor import QueryCompressor, QueryCompressorConfig
-from slime_adapters.ops.reference import query_compressor_reference, sincos_2d_reference
+from slime_adapters.testing import query_compressor_reference, sincos_2d_reference
 
 F64 = torch.float64
 
@@ -104,11 +104,11 @@ def test_nan_in_padding_does_not_leak(backend):
     mask[0, 5:] = True
     mask[2, :2] = True
     poisoned = x.masked_fill(mask[..., None], float("nan")).requires_grad_(True)
-    out = m(poisoned, key_padding_mask=mask)
+    out = m(poisoned, key_mask=~mask)
     assert torch.isfinite(out).all()
-    clean = m(x.masked_fill(mask[..., None], 123.0), key_padding_mask=mask)
+    clean = m(x.masked_fill(mask[..., None], 123.0), key_mask=~mask)
     torch.testing.assert_close(out, clean, rtol=0, atol=0)
-    _assert_close(out, query_compressor_reference(m, x, key_padding_mask=mask))
+    _assert_close(out, query_compressor_reference(m, x, key_mask=~mask))
     out.square().sum().backward()
     assert torch.isfinite(poisoned.grad).all()
     assert (poisoned.grad[mask] == 0).all()
@@ -120,9 +120,9 @@ def test_fully_padded_tile_matches_oracle():
     m = _randomise(QueryCompressor(dim=8, num_queries=4, num_heads=2, dtype=F64))
     x = _x(2, 4, 8)
     mask = torch.tensor([[True] * 4, [False, True, False, False]])
-    out = m(x, key_padding_mask=mask)
+    out = m(x, key_mask=~mask)
     assert torch.isfinite(out).all()
-    _assert_close(out, query_compressor_reference(m, x, key_padding_mask=mask))
+    _assert_close(out, query_compressor_reference(m, x, key_mask=~mask))
 
 
 def test_every_parameter_gets_a_finite_gradient():
@@ -185,9 +185,9 @@ def test_attn_backend_is_an_instance_attribute():
     ({"mode": "released"}, "mode must be one of"),
     ({"pos_embed": "learned"}, "pos_embed must be one of"),
     ({"attn_backend": "flash"}, "attn_backend must be one of"),
-    ({"dim": 0}, "dim must be a positive int"),
-    ({"kv_dim": -3}, "kv_dim must be a positive int or None"),
-    ({"norm_eps": 0.0}, "norm_eps must be a positive number"),
+    ({"dim": 0}, "dim must be an int >= 1, got 0"),
+    ({"kv_dim": -3}, "kv_dim must be an int >= 1 or None"),
+    ({"norm_eps": 0.0}, "norm_eps must be a finite number > 0"),
 ])
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -214,10 +214,10 @@ def test_forward_errors():
         m(torch.randn(2, 0, 8))
     with pytest.raises(ValueError, match="x must be floating point"):
         m(torch.ones(2, 9, 8, dtype=torch.int64))
-    with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
-        m(torch.randn(2, 9, 8), key_padding_mask=torch.zeros(2, 9))
-    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(tiles, tokens\)"):
-        m(torch.randn(2, 9, 8), key_padding_mask=torch.zeros(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_mask must be a bool tensor"):
+        m(torch.randn(2, 9, 8), key_mask=torch.zeros(2, 9))
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(tiles, tokens\)"):
+        m(torch.randn(2, 9, 8), key_mask=torch.zeros(2, 8, dtype=torch.bool))
 
 
 def test_check_finite():
@@ -228,7 +228,7 @@ def test_check_finite():
         m(x)
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[1, 3] = True
-    assert torch.isfinite(m(x, key_padding_mask=mask)).all()  # padding is not checked
+    assert torch.isfinite(m(x, key_mask=~mask)).all()  # padding is not checked
     m.check_finite = False
     assert torch.isnan(m(x)).any()  # unchecked: NaN flows through as in any nn.Module
 
@@ -237,3 +237,18 @@ def test_trunc_normal_query_init():
     # the released call, trunc_normal_(std=0.02) with torch's absolute ±2 bounds: N(0, 0.02²)
     q = QueryCompressor(dim=128, num_queries=144).query
     assert math.isclose(q.std().item(), 0.02, rel_tol=0.05) and abs(q.mean().item()) < 1e-3
+
+
+def test_key_mask_is_true_for_valid_tokens_and_the_old_keyword_is_refused():
+    m = _randomise(QueryCompressor(dim=8, num_queries=4, num_heads=2, dtype=F64))
+    x = _x(1, 9, 8)
+    valid = torch.zeros(1, 9, dtype=torch.bool)
+    valid[0, :4] = True
+    # True = valid: the output is the oracle's over the four valid tokens ...
+    _assert_close(m(x, key_mask=valid), query_compressor_reference(m, x, key_mask=valid))
+    # ... and the padding convention gives the documented result (the other five tokens)
+    _assert_close(m(x, key_mask=~valid), query_compressor_reference(m, x, key_mask=~valid))
+    assert not torch.allclose(m(x, key_mask=valid), m(x, key_mask=~valid))
+    with pytest.raises(TypeError, match=r"QueryCompressor.forward\(\) no longer takes "
+                                        r"key_padding_mask=; pass key_mask \(True = a valid key"):
+        m(x, key_padding_mask=~valid)

@@ -27,7 +27,7 @@ from slime_adapters.ops.attention import (
     backend_reasons,
     select_backend,
 )
-from slime_adapters.ops.reference import attention_reference
+from slime_adapters.testing import attention_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -119,33 +119,33 @@ def test_dense_matches_float64_oracle(backend, dtype, shape, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_key_padding_mask_and_nan_in_padding(backend, device):
+def test_key_mask_and_nan_in_padding(backend, device):
     (q, k, v), (q64, k64, v64) = _qkv(3, 20, 50, 4, 32, device=device)
     pad = torch.zeros(3, 50, dtype=torch.bool)
     pad[0, 31:] = True
     pad[1, :9] = True
     pad[2, 1::3] = True
     cache = ProbeCache()
-    _usable_or_skip(backend, q, k, v, cache, key_padding_mask=pad.to(device))
+    _usable_or_skip(backend, q, k, v, cache, key_mask=~pad.to(device))
     k_p, v_p = k.clone(), v.clone()
     k_p[pad.to(device)] = float("nan")
     v_p[pad.to(device)] = float("inf")
-    out = attention(q, k_p, v_p, key_padding_mask=pad.to(device), backend=backend,
+    out = attention(q, k_p, v_p, key_mask=~pad.to(device), backend=backend,
                     probe_cache=cache)
     assert torch.isfinite(out).all(), f"{backend}: NaN/inf in padding leaked into the output"
-    ref = attention_reference(q64, k64, v64, key_padding_mask=pad)
+    ref = attention_reference(q64, k64, v64, key_mask=~pad)
     _assert_close(out, ref, TOL[BF16][0], f"{backend} masked forward")
     # the first sample equals attending to its 31 valid keys only
     alone = attention_reference(q64[:1], k64[:1, :31], v64[:1, :31])
     _assert_close(out[:1], alone, TOL[BF16][0], f"{backend} masked vs valid keys alone")
 
 
-def test_xformers_refuses_a_key_padding_mask(device):
+def test_xformers_refuses_a_key_mask(device):
     (q, k, v), _ = _qkv(1, 4, 6, 1, 16, device=device)
-    reasons = backend_reasons(q, k, v, key_padding_mask=torch.zeros(1, 6, dtype=torch.bool,
+    reasons = backend_reasons(q, k, v, key_mask=torch.ones(1, 6, dtype=torch.bool,
                                                                        device=device),
                               probe_cache=ProbeCache())
-    assert any("key_padding_mask" in r for r in reasons["xformers"])
+    assert any("key_mask" in r for r in reasons["xformers"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

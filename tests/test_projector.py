@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slime_adapters.projector import MoEOutput, NoisyMoEProjector, NoisyMoEProjectorConfig
-from slime_adapters.ops.reference import noisy_moe_reference
+from slime_adapters.testing import noisy_moe_reference
 
 F64 = torch.float64
 
@@ -246,8 +246,8 @@ def test_reset_parameters_restores_even_gates():
     ({"mode": "released"}, "mode must be one of"),
     ({"force_expert": 2}, "force_expert must be None, 0"),
     ({"force_expert": True}, "force_expert must be None, 0"),
-    ({"balance_loss_coef": -1.0}, "balance_loss_coef must be a number >= 0"),
-    ({"in_dim": 0}, "in_dim must be a positive int"),
+    ({"balance_loss_coef": -1.0}, "balance_loss_coef must be a finite number >= 0"),
+    ({"in_dim": 0}, "in_dim must be an int >= 1"),
     ({"num_heads": 5}, "num_heads=5 does not divide dim=16"),
     ({"attn_backend": "flash"}, "attn_backend must be one of"),
 ])

@@ -1,4 +1,5 @@
-"""Recipes: generated data, prompt encoding, the full model over inputs_embeds, the demo job."""
+"""Recipes: generated data, prompt encoding, the full model over inputs_embeds (the demo job:
+tests/test_demo.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,27 @@ from recipes.data import (  # noqa: E402
     collate_examples,
     make_color_dataset,
 )
-from recipes.demo import build_model, main, roles_of  # noqa: E402
-from slime_adapters import AdaptiveSlicer, load_module  # noqa: E402
+from recipes.build import build_model as build_from_dict  # noqa: E402
+from recipes.build import roles_of  # noqa: E402
+from slime_adapters import AdaptiveSlicer  # noqa: E402
+
+
+def build_model(tokenizer, *, num_queries: int = 16, gamma: float = 0.8,
+                temperature: float = 0.05):
+    """The tiny model of ``recipes/configs/tiny`` through :func:`recipes.build.build_model`."""
+    return build_from_dict({
+        "vision": {"type": "clip", "config": {
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "image_size": 336, "patch_size": 42}},
+        "llm": {"type": "llama", "config": {
+            "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 512}},
+        "tokenizer": {"type": "word"},
+        "adapter": {"projector": {"num_heads": 2},
+                    "compressor": {"num_queries": num_queries, "num_heads": 2},
+                    "router": {"gamma": gamma, "temperature": temperature}},
+    }).model
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +106,8 @@ def test_full_model_forward_backward_and_generate(dataset, tokenizer):
                 question_ids=batch["question_ids"], question_mask=batch["question_mask"])
     assert torch.isfinite(out.loss)
     # the spliced sequence is the text plus every image's visual tokens (one placeholder each)
-    assert out.spliced.inputs_embeds.shape[1] >= int(out.visual.lengths.max())
+    assert out.logits.shape[1] == out.attention_mask.shape[1] == (
+        batch["input_ids"].shape[1] + int(out.visual_lengths.max()) - 1)
     out.loss.backward()
     assert model.adapter.compressor.query.grad is not None
     assert model.llm.get_input_embeddings().weight.grad is not None
@@ -94,8 +115,9 @@ def test_full_model_forward_backward_and_generate(dataset, tokenizer):
     keep = batch["labels"] == -100
     new = model.generate(images=batch["images"], input_ids=torch.where(keep, prompt, 0),
                          attention_mask=keep.long(), question_ids=batch["question_ids"],
-                         question_mask=batch["question_mask"], max_new_tokens=2)
-    assert new.shape == (2, 2)
+                         question_mask=batch["question_mask"], max_new_tokens=2,
+                         min_new_tokens=2)
+    assert new.shape == (2, prompt.shape[1] + 2)  # the prompt as given, then the new tokens
 
 
 def test_roles_cover_the_model_without_overlap_in_vision(tokenizer):
@@ -104,40 +126,28 @@ def test_roles_cover_the_model_without_overlap_in_vision(tokenizer):
     assert set(roles) == {"mlp_expert", "query_expert", "gate", "compressor", "llm", "vision"}
 
 
-@pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
-    report = main(["--out", str(tmp_path), "--train", "8", "--eval", "4", "--steps", "2", "2", "2",
-                   "--batch-size", "4", "--no-check-loss"])
-    assert [s["stage"] for s in report["stages"]] == ["I", "II", "III"]
-    assert [s["views"] for s in report["stages"]] == ["global", "local", "both"]
-    # stage II trains only the local path: far fewer parameters than stage III
-    assert report["stages"][1]["trainable_parameters"] < report["stages"][2]["trainable_parameters"]
-    saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["eval"]["both"]["visual_tokens_per_image"] > saved["eval"]["global"][
-        "visual_tokens_per_image"]
-    adapter = load_module(tmp_path / "adapter")
-    assert adapter.config.compressor.num_queries == 16
-
-
 def test_embedding_separator_uses_the_llm_embedding(dataset, tokenizer):
     import dataclasses
 
-    from recipes.model import SliMEForCausalLM
     from slime_adapters import SliMEVisualAdapter
+    from slime_adapters.hf import SliMEConfig, SliMEForConditionalGeneration
 
     base = build_model(tokenizer)
     cfg = dataclasses.replace(base.adapter.config, separator="embedding")
     adapter = SliMEVisualAdapter.from_config(cfg)
     comma = tokenizer.convert_tokens_to_ids("?")
-    with pytest.raises(ValueError, match="pass separator_token_id"):
-        SliMEForCausalLM(vision=base.vision, adapter=adapter, llm=base.llm,
-                         image_token_id=base.image_token_id)
-    model = SliMEForCausalLM(vision=base.vision, adapter=adapter, llm=base.llm,
-                             image_token_id=base.image_token_id, separator_token_id=comma).eval()
+    conf = base.config.to_dict()
+    conf["adapter_config"] = {**conf["adapter_config"], "separator": "embedding"}
+    with pytest.raises(ValueError, match="separator_token_id is required"):
+        SliMEConfig.from_dict(conf)
+    model = SliMEForConditionalGeneration(
+        SliMEConfig.from_dict({**conf, "separator_token_id": comma}), vision=base.vision,
+        adapter=adapter, llm=base.llm).eval()
     batch = collate_examples([dataset[0]], tokenizer.pad_token_id)
     with torch.no_grad():
-        visual = model.visual_tokens(batch["images"], question_ids=batch["question_ids"],
-                                     question_mask=batch["question_mask"])
+        visual = model.get_visual_tokens(images=batch["images"],
+                                         question_ids=batch["question_ids"],
+                                         question_mask=batch["question_mask"])
     n_global = visual.num_global
     torch.testing.assert_close(visual.packed[n_global],
                                base.llm.get_input_embeddings().weight[comma])

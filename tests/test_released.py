@@ -368,7 +368,7 @@ def test_bad_files(state, tmp_path):
     with pytest.raises(ValueError, match=r"num_heads must be None or a positive int, got 0"):
         import_released(state, num_heads=0)
     with pytest.raises(CheckpointError, match=r"sampler shapes give no valid module: "
-                                              r"num_heads=3 does not divide dim=32"):
+                                              r"QueryCompressorConfig: num_heads=3 does not divide dim=32"):
         import_released(_part(state, SAMP), num_heads=3)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from slime_adapters.config import ConfigError
-from slime_adapters.ops.reference import router_reference, router_reference_released
+from slime_adapters.testing import router_reference, router_reference_released
 from slime_adapters.router import (
     CosineTokenRouter,
     CosineTokenRouterConfig,
@@ -293,21 +293,21 @@ def test_config_round_trip_and_meta_construction(tmp_path):
     assert json.loads(path.read_text())["kind"] == "cosine_token_router"
     again = CosineTokenRouter.from_config(CosineTokenRouterConfig.from_json(path))
     assert again.config == router.config
-    with pytest.raises(ConfigError, match="temperature must be > 0"):
+    with pytest.raises(ConfigError, match="temperature must be a finite number > 0"):
         CosineTokenRouterConfig.from_dict({"temperature": 0})
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(gamma=0.0), r"gamma must be a number in \(0, 1\]"),
-        (dict(gamma=1.5), r"gamma must be a number in \(0, 1\]"),
-        (dict(noise_std=-1.0), "noise_std must be >= 0"),
+        (dict(gamma=0.0), r"gamma must be a finite number > 0 and <= 1, got 0.0"),
+        (dict(gamma=1.5), r"gamma must be a finite number > 0 and <= 1, got 1.5"),
+        (dict(noise_std=-1.0), "noise_std must be a finite number >= 0"),
         (dict(text_pool="max"), "text_pool must be one of"),
-        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(temperature=0.0), "temperature must be a finite number > 0"),
         (dict(min_keep=-1), "min_keep must be an int >= 0"),
-        (dict(max_keep=0), "max_keep must be None or an int"),
-        (dict(min_keep=5, max_keep=3), "max_keep must be None or an int >= max"),
+        (dict(max_keep=0), "max_keep must be an int >= 1 or None"),
+        (dict(min_keep=5, max_keep=3), "max_keep must be an int >= 5 or None"),
         (dict(crossing="above"), "crossing must be one of"),
         (dict(on_empty_text="ignore"), "on_empty_text must be one of"),
     ],

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slime_adapters.router import (
-    CosineTokenRouter,
-    RouterInputError,
+from slime_adapters.router import CosineTokenRouter, RouterInputError
+from slime_adapters.router_scores import (
     cosine_scores_to,
     pooled_cosine_scores,
     pooled_text_direction,

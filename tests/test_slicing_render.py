@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from slime_adapters.ops.reference import slice_image_reference
+from slime_adapters.testing import slice_image_reference
 from slime_adapters.slicing import (
     AdaptiveSlicer,
     SlicedBatch,
@@ -313,13 +313,13 @@ def test_config_round_trip_pickle_and_reference_preset(tmp_path):
         (dict(alpha="white"), "alpha must be one of"),
         (dict(fill=(0, 0)), "fill must be three ints"),
         (dict(fill=(0, 0, 300)), "fill must be three ints"),
-        (dict(std=(1.0, 0.0, 1.0)), "std must be positive"),
-        (dict(mean=(0.5, 0.5)), "mean must be three numbers"),
+        (dict(std=(1.0, 0.0, 1.0)), "std must be 3 finite numbers > 0"),
+        (dict(mean=(0.5, 0.5)), "mean must be 3 finite numbers"),
         (dict(max_pixels=0), "max_pixels must be an int >= 1"),
         (dict(min_side=0), "min_side must be an int >= 1"),
-        (dict(max_aspect_ratio=0.5), "max_aspect_ratio must be a number >= 1"),
-        (dict(parallel_resize="yes"), "parallel_resize must be a bool"),
-        (dict(max_tiles=0), "max_tiles must be >= 1"),
+        (dict(max_aspect_ratio=0.5), "max_aspect_ratio must be a finite number >= 1"),
+        (dict(parallel_resize="yes"), "parallel_resize must be True or False, got 'yes'"),
+        (dict(max_tiles=0), "max_tiles must be an int >= 1 or None"),
         (dict(policy="reference", max_tiles=4), "max_tiles is not used"),
         (dict(dtype=torch.int32), "dtype must be a floating torch.dtype"),
     ],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slime_adapters.ops.reference import splice_reference
+from slime_adapters.testing import splice_reference
 from slime_adapters.splice import splice_into_embeddings
 
 IMG = 7

@@ -125,7 +125,7 @@ def _labelled_runs(tok, enc):
 
 
 def test_names_and_unknown_template():
-    assert template_names() == ["llama-3", "plain", "qa", "vicuna-v1"]
+    assert template_names() == ["llama-3", "llama-3-meta", "plain", "qa", "vicuna-v1"]
     with pytest.raises(TemplateError, match=r"unknown chat template 'chatml'; known: \['llama-3'"):
         get_template("chatml")
     with pytest.raises(TemplateError, match="system must not hold '<image>'"):
@@ -139,8 +139,8 @@ def test_qa_format_and_labels(words):
                     "the background ? ASSISTANT: grey , mostly </s>").split()
     target = [i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]
     assert words.convert_ids_to_tokens(target) == "red </s> grey , mostly </s>".split()
-    assert words.convert_ids_to_tokens(enc.question_ids) == \
-        "what color is the square ? and the background ?".split()
+    # the router reads the turn that holds the image, for every answer
+    assert words.convert_ids_to_tokens(enc.question_ids) == "what color is the square ?".split()
 
 
 def test_vicuna_is_llavas_string(bpe):
@@ -183,22 +183,24 @@ def test_a_tokenizer_that_merges_across_the_prompt_end_is_refused():
     # trained across words, it learns "T:▁": "ASSISTANT:" alone ends in "T", ":" instead
     merged = sentencepiece_llama(split_words=False)
     with pytest.raises(TemplateError, match=r"'vicuna-v1': this tokenizer tokenises the "
-                                            r"generation prompt differently .* part at token"):
+                                            r"generation prompt of answer 1 differently .* part "
+                                            r"at token 37: \['▁\?▁ASSISTANT', ':'\] vs"):
         get_template("vicuna-v1").encode(merged, CONV[:2])
 
 
-def test_llama3_exact_text_and_stop_token(bpe):
-    template = get_template("llama-3", system="Be brief.")
+def test_meta_llama3_exact_text_and_stop_token(bpe):
+    template = get_template("llama-3-meta", system="Be brief.")
     conv = [{"from": "human", "value": " what color ?\n<image> "},
             {"from": "gpt", "value": " red\n"},
             {"from": "human", "value": " and ? "}, {"from": "gpt", "value": "grey"}]
     enc = template.encode(bpe, conv)
-    text = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+    text = ("<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
             "<|start_header_id|>user<|end_header_id|>\n\n<image>\nwhat color ?"
             "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nred<|eot_id|>"
             "<|start_header_id|>user<|end_header_id|>\n\nand ?<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\ngrey<|eot_id|>")
-    assert template.prompt_text(conv) == text and _decode(bpe, enc.input_ids) == text
+    assert template.prompt_text(conv) == text
+    assert _decode(bpe, enc.input_ids) == "<|begin_of_text|>" + text
     assert _labelled_runs(bpe, enc) == ["red<|eot_id|>", "grey<|eot_id|>"]
     assert template.stop_token_ids(bpe) == [bpe.convert_tokens_to_ids("<|eot_id|>")]
     assert get_template("qa").stop_token_ids(bpe) == [bpe.eos_token_id]
@@ -429,10 +431,35 @@ def test_whitespace_tokens_inside_an_answer_are_labelled_under_trimmed_offsets()
                                    additional_special_tokens=["<image>"])
     answer = "red\n\n  grey"
     enc = get_template("vicuna-v1").encode(
-        fast, [{"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": answer}])
+        fast, [{"from": "human", "value": "<image>\nwhat color ?"},
+               {"from": "gpt", "value": answer}])
     prompt = get_template("vicuna-v1").encode(
         fast, [{"from": "human", "value": "<image>\nwhat color ?"}], for_generation=True)
     n = len(prompt.input_ids)
     assert enc.labels[:n] == [IGNORE_INDEX] * n
     assert enc.labels[n:] == enc.input_ids[n:]  # every answer token, whitespace included
     assert _decode(fast, enc.input_ids[n:]).strip() == answer + "</s>"
+
+
+THREE = CONV + [{"from": "human", "value": "  and the square ?  "}, {"from": "gpt", "value": "red"}]
+
+
+@pytest.mark.parametrize("name", ["qa", "vicuna-v1", "llama-3", "llama-3-meta"])
+def test_router_text_is_the_same_at_training_and_in_chat_turn_by_turn(name, bpe):
+    """One rule: every answer's router text is the turn that holds the image, in training (one
+    encoding for all answers) and in recipes.chat's generation inputs for each turn."""
+    from recipes.chat import generation_inputs
+
+    template = get_template(name)
+    training = template.encode(bpe, THREE)
+    first = bpe("what color is the square ?", add_special_tokens=False).input_ids
+    assert training.question_ids == first  # no later question reaches the router
+    for k in range(0, len(THREE), 2):
+        ids, question_ids, mask = generation_inputs(template, bpe, THREE[:k + 1], "<image>")
+        assert question_ids[0].tolist() == training.question_ids and bool(mask.all())
+        assert training.input_ids[:ids.shape[1]] == ids[0].tolist()  # the same visual tokens
+    # a question with no text routes as "no text" in chat, and has none in training
+    alone = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "red"}]
+    assert template.encode(bpe, alone).question_ids == []
+    _, question_ids, mask = generation_inputs(template, bpe, alone[:1], "<image>")
+    assert question_ids.shape == (1, 1) and not bool(mask.any())

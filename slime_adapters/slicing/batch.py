@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from slime_adapters.slicing import SlicePlan, SlicingError
+from slime_adapters.slicing.plan import SlicePlan, SlicingError
 
 __all__ = ["SlicedBatch", "SlicedImage", "collate"]
 

@@ -1,6 +1,7 @@
 """AdaptiveSlicer: an image of any size to a global view plus a packed batch of tiles (SPEC §2.1).
 
-Public through :mod:`slime_adapters.slicing` (``from slime_adapters.slicing import AdaptiveSlicer``).
+Public through :mod:`slime_adapters.slicing` (``from slime_adapters.slicing import AdaptiveSlicer``);
+its settings are :class:`~slime_adapters.slicing.config.SlicerConfig`.
 
 Shape legend (einops)::
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -36,111 +36,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
-from slime_adapters._imageio import check_size, load_rgb, open_image, oriented_size
-from slime_adapters._sliced import SlicedBatch, SlicedImage, collate
 from slime_adapters.config import ConfigBase, ConfigurableMixin
-from slime_adapters.slicing import (
-    POLICIES,
-    SlicePlan,
-    SlicingError,
-    plan_grid,
-    visual_token_count,
-)
+from slime_adapters.slicing.batch import SlicedBatch, SlicedImage, collate
+from slime_adapters.slicing.config import CLIP_MEAN, CLIP_STD, SlicerConfig
+from slime_adapters.slicing.imageio import check_size, load_rgb, open_image, oriented_size
+from slime_adapters.slicing.plan import SlicePlan, SlicingError, plan_grid, visual_token_count
 
-__all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "AdaptiveSlicer",
-    "SlicedBatch",
-    "SlicedImage",
-    "SlicerConfig",
-    "collate",
-]
+__all__ = ["AdaptiveSlicer"]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-GLOBAL_VIEWS = ("pad", "resize")
-ALPHA_RULES = ("composite", "drop")
-
-
-@dataclass(frozen=True)
-class SlicerConfig(ConfigBase):
-    """:class:`AdaptiveSlicer`'s constructor keywords. Validated on construction.
-
-    ``fill=None`` means the mean colour ``int(255·mean)`` (the released code's ``expand2square``
-    colour). ``alpha``: ``"composite"`` transparent pixels onto ``fill``, or ``"drop"`` the alpha
-    channel (the released code loads images with ``convert("RGB")``). ``max_pixels`` guards against decompression bombs (checked on the header);
-    ``min_side`` and ``max_aspect_ratio`` reject 1-pixel lines and slivers (default 1:100: a
-    1:100 strip on a 6-tile row is still 20 px high; 1:1000 would be a fraction of a pixel).
-    ``parallel_resize``: the canvas and the global-view resizes of one image run on two threads
-    (PIL releases the GIL; same pixels either way); turn it off inside DataLoader workers that
-    already fill the cores.
-    """
-
-    kind: ClassVar[str] = "adaptive_slicer"
-    tile_size: int = 336
-    max_grid: int = 6
-    max_tiles: int | None = None
-    policy: str = "paper"
-    pinpoints: tuple[tuple[int, int], ...] | None = None
-    global_view: str = "pad"
-    fill: tuple[int, int, int] | None = None
-    alpha: str = "composite"
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-    max_pixels: int = 100_000_000
-    min_side: int = 2
-    max_aspect_ratio: float = 100.0
-    parallel_resize: bool = True
-
-    def __post_init__(self) -> None:
-        if self.pinpoints is not None:
-            object.__setattr__(self, "pinpoints", tuple(tuple(p) for p in self.pinpoints))
-        for name in ("fill", "mean", "std"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, tuple(value))
-        if self.policy not in POLICIES:
-            raise SlicingError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.global_view not in GLOBAL_VIEWS:
-            raise SlicingError(f"global_view must be one of {GLOBAL_VIEWS}, got {self.global_view!r}")
-        if self.alpha not in ALPHA_RULES:
-            raise SlicingError(f"alpha must be one of {ALPHA_RULES}, got {self.alpha!r}")
-        # A throw-away plan validates tile_size, max_grid, max_tiles and pinpoints in one place.
-        plan_grid(
-            self.tile_size,
-            self.tile_size,
-            tile_size=self.tile_size,
-            max_grid=self.max_grid,
-            max_tiles=self.max_tiles,
-            policy=self.policy,
-            pinpoints=self.pinpoints,
-        )
-        if self.fill is not None and (
-            len(self.fill) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in self.fill)
-        ):
-            raise SlicingError(f"fill must be three ints in 0..255 (or None), got {self.fill!r}")
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if len(value) != 3 or not all(isinstance(v, int | float) for v in value):
-                raise SlicingError(f"{name} must be three numbers, got {value!r}")
-        if not all(v > 0 for v in self.std):
-            raise SlicingError(f"std must be positive, got {self.std!r}")
-        for name, minimum in (("max_pixels", 1), ("min_side", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise SlicingError(f"{name} must be an int >= {minimum}, got {value!r}")
-        if not isinstance(self.parallel_resize, bool):
-            raise SlicingError(f"parallel_resize must be a bool, got {self.parallel_resize!r}")
-        if not isinstance(self.max_aspect_ratio, int | float) or self.max_aspect_ratio < 1:
-            raise SlicingError(f"max_aspect_ratio must be a number >= 1, got {self.max_aspect_ratio!r}")
-
-    @property
-    def fill_color(self) -> tuple[int, int, int]:
-        """The padding colour as RGB ints."""
-        if self.fill is not None:
-            return self.fill  # type: ignore[return-value]
-        return tuple(int(255 * m) for m in self.mean)  # type: ignore[return-value]
 
 
 def _fit_inside(width: int, height: int, side: int) -> tuple[int, int]:

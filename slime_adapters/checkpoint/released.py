@@ -1,6 +1,7 @@
 """Import and export the released SliME weights (github yfzhang114/SliME, SPEC §1).
 
-Public home: :mod:`slime_adapters.checkpoint` (re-exported there).
+Public home: :mod:`slime_adapters.checkpoint` (re-exported there); the layout's names and
+readers are in :mod:`slime_adapters.checkpoint.released_layout`.
 
 Legend and released layout (``v`` vision width, ``l`` LLM width, ``n`` projector queries (576),
 ``m`` compressor queries (144); names under ``model.mm_projector.`` and
@@ -33,218 +34,62 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import warnings
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from slime_adapters.checkpoint import CheckpointError
+from slime_adapters.checkpoint.modules import CheckpointError
+from slime_adapters.checkpoint.released_layout import (
+    KNOWN_KEYS,
+    NAMESPACES,
+    PARTS,
+    PROJECTOR_DEFAULTS,
+    PROJECTOR_FILE,
+    REQUIRED_KEYS,
+    SAMPLER_FILE,
+    classify_key,
+    read_sources,
+    shape_dim,
+    to_ours,
+    to_released,
+)
+from slime_adapters.adapter import SliMEVisualAdapter
+from slime_adapters.adapter_config import SliMEVisualAdapterConfig, preset_switches
+from slime_adapters.compressor import QueryCompressor, QueryCompressorConfig
 from slime_adapters.config import atomic_write_bytes
+from slime_adapters.projector import NoisyMoEProjector, NoisyMoEProjectorConfig
+from slime_adapters.router import CosineTokenRouterConfig
 
-if TYPE_CHECKING:
-    from slime_adapters.adapter import SliMEVisualAdapter
-    from slime_adapters.compressor import QueryCompressor
-    from slime_adapters.projector import NoisyMoEProjector
-    from slime_adapters.router import CosineTokenRouterConfig
-
-__all__ = [
-    "PROJECTOR_FILE",
-    "SAMPLER_FILE",
-    "ReleasedWeights",
-    "export_released",
-    "import_released",
-    "save_released",
-]
-
-PROJECTOR_FILE = "mm_projector.bin"
-SAMPLER_FILE = "sampler.bin"
-PARTS = ("projector", "sampler")
-_NAMESPACE = {"projector": "mm_projector.", "sampler": "sampler.post_qformer."}
-_RESAMPLER_PLAIN = ("query", "pos_embed", "ln_q.weight", "ln_q.bias", "ln_kv.weight",
-                    "ln_kv.bias", "ln_post.weight", "ln_post.bias", "attn.out_proj.weight",
-                    "attn.out_proj.bias")
-_RESAMPLER_PACKED = ("attn.in_proj_weight", "attn.in_proj_bias")
-_RESAMPLER_OPTIONAL = ("kv_proj.weight", "proj.weight", "proj.bias")
-_PROJECTOR_PLAIN = ("w_gate", "w_noise", "projection.0.weight", "projection.0.bias",
-                    "projection.2.weight", "projection.2.bias")
-_PROJECTOR_DEFAULTS = {"mean": 0.0, "std": 1.0}
-_REQUIRED = {"projector": _PROJECTOR_PLAIN + tuple("attn." + k for k in _RESAMPLER_PLAIN
-                                                   + _RESAMPLER_PACKED),
-             "sampler": _RESAMPLER_PLAIN + _RESAMPLER_PACKED}
-# the released GatedBlock's resampler has no kv_proj / proj (kv_dim = width, no post projection)
-_KNOWN = {"projector": _REQUIRED["projector"] + tuple(_PROJECTOR_DEFAULTS),
-          "sampler": _REQUIRED["sampler"] + _RESAMPLER_OPTIONAL}
-
-
-# ------------------------------------------------------------------------------- name mapping
-
-
-def _ours(part: str, name: str) -> str:
-    """Our name (inside the projector or the compressor) for a plain released name."""
-    if part == "projector":
-        if name.startswith("projection."):
-            return "mlp." + name[len("projection."):]
-        if name.startswith("attn."):
-            return "query_expert." + _ours("sampler", name[len("attn."):])
-        return name
-    return name[len("attn."):] if name.startswith("attn.out_proj.") else name
-
-
-def _to_ours(part: str, released: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    packed_prefix = "attn." if part == "projector" else ""
-    inner = "query_expert." if part == "projector" else ""
-    for name, t in released.items():
-        if name.removeprefix(packed_prefix) in _RESAMPLER_PACKED:
-            kind = "weight" if name.endswith("weight") else "bias"
-            # nn.MultiheadAttention packs the q, k and v projections as consecutive row blocks
-            for proj, chunk in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0), strict=True):
-                out[f"{inner}{proj}.{kind}"] = chunk.clone()
-        else:
-            out[_ours(part, name)] = t
-    return out
-
-
-def _to_released(part: str, ours: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    back = {_ours(part, n): n for n in _KNOWN[part]}
-    inner = "query_expert." if part == "projector" else ""
-    packed = "attn.attn." if part == "projector" else "attn."
-    out = {}
-    for kind in ("weight", "bias"):
-        out[f"{packed}in_proj_{kind}"] = torch.cat(
-            [ours[f"{inner}{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")])
-    for name, t in ours.items():
-        if name in back:
-            out[back[name]] = t
-        elif not any(name == f"{inner}{p}.{k}" for p in ("q_proj", "k_proj", "v_proj")
-                     for k in ("weight", "bias")):
-            raise CheckpointError(
-                f"export_released: {name!r} has no place in the released layout "
-                f"({'a separate query-expert MLP' if 'query_mlp' in name else 'unknown tensor'})"
-            )
-    return out
-
-
-# ------------------------------------------------------------------------------------ reading
-
-
-def _classify(key: str, default_part: str | None) -> tuple[str | None, str]:
-    """``(part, plain name)``; part None marks a key of another model part."""
-    name = key.removeprefix("model.")
-    for part, ns in _NAMESPACE.items():
-        if name.startswith(ns):
-            return part, name[len(ns):]
-    if name.startswith("sampler.") or key != name:
-        return None, key
-    return default_part, key
-
-
-def _guess_part(keys: list[str]) -> str | None:
-    if any(k in ("w_gate", "w_noise") or k.startswith(("projection.", "attn.attn.")) for k in keys):
-        return "projector"
-    if "query" in keys or "attn.in_proj_weight" in keys:
-        return "sampler"
-    return None
-
-
-def _load_pickle(path: Path) -> dict[str, Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{str(path)!r} was refused by torch.load(weights_only=True): it needs arbitrary code "
-            f"to unpickle or is not a weights file; it is never opened otherwise ({exc})"
-        ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable torch weights file (truncated or corrupt?): {exc}"
-        ) from exc
-    return _as_state(obj, repr(str(path)))
-
-
-def _as_state(obj: object, where: str) -> dict[str, Tensor]:
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{where} holds a {type(obj).__name__}, not a state dict")
-    bad = sorted(str(k) for k, v in obj.items() if not (isinstance(k, str)
-                                                           and isinstance(v, Tensor)))
-    if bad:
-        raise CheckpointError(f"{where}: entries that are not name -> tensor: {bad}")
-    return dict(obj)
-
-
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            wanted = [k for k in fh.keys() if _classify(k, None)[0] is not None]
-            return {k: fh.get_tensor(k) for k in wanted}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from exc
-
-
-def _read(source, part: str | None) -> list[tuple[str, dict[str, Tensor], str | None, bool]]:
-    """``[(label, tensors, default part for bare keys, full-model?)]``."""
-    if isinstance(source, Mapping):
-        state = _as_state(source, "the state dict")
-        return [("the state dict", state, part or _guess_part(list(state)), True)]
-    if not isinstance(source, str | os.PathLike):
-        raise CheckpointError(f"source must be a path or a state dict, got {type(source).__name__}")
-    path = Path(source)
-    if path.is_dir():
-        found = [path / f for f in (PROJECTOR_FILE, SAMPLER_FILE) if (path / f).is_file()]
-        found = found or sorted(path.glob("*.safetensors"))
-        if not found:
-            raise CheckpointError(
-                f"{str(path)!r} holds neither {PROJECTOR_FILE}, {SAMPLER_FILE} nor *.safetensors")
-        return [entry for f in found for entry in _read(f, part)]
-    if not path.is_file():
-        raise CheckpointError(f"weights file {str(path)!r} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{str(path)!r} is empty (0 bytes)")
-    if path.suffix == ".safetensors":
-        return [(str(path), _load_safetensors(path), part, True)]
-    state = _load_pickle(path)
-    by_name = {PROJECTOR_FILE: "projector", SAMPLER_FILE: "sampler"}.get(path.name)
-    return [(str(path), state, part or by_name or _guess_part(list(state)), False)]
-
-
-def _dim(t: Tensor, axis: int, key: str, where: str) -> int:
-    if t.dim() != 2:
-        raise CheckpointError(f"{where}: {key} must be a matrix, got shape {tuple(t.shape)}")
-    return int(t.shape[axis])
+__all__ = ["ReleasedWeights", "export_released", "import_released", "save_released"]
 
 
 def _build(part: str, state: dict[str, Tensor], where: str, num_heads: int | None) -> nn.Module:
-    """A meta-device module in reference mode whose configuration the shapes imply."""
-    from slime_adapters.compressor import QueryCompressor
-    from slime_adapters.projector import NoisyMoEProjector
-
+    """A meta-device module whose configuration the shapes imply, with the released behaviour
+    (:func:`~slime_adapters.adapter_config.preset_switches` of ``"released"``)."""
     try:
         if part == "projector":
             w1 = state["projection.0.weight"]
-            return NoisyMoEProjector(
-                in_dim=_dim(w1, 1, "mm_projector.projection.0.weight", where),
-                out_dim=_dim(w1, 0, "mm_projector.projection.0.weight", where),
-                num_tokens=_dim(state["attn.query"], 0, "mm_projector.attn.query", where),
-                num_heads=num_heads, noise="reference", mode="reference", device="meta")
+            cfg = NoisyMoEProjectorConfig(
+                in_dim=shape_dim(w1, 1, "mm_projector.projection.0.weight", where),
+                out_dim=shape_dim(w1, 0, "mm_projector.projection.0.weight", where),
+                num_tokens=shape_dim(state["attn.query"], 0, "mm_projector.attn.query", where),
+                num_heads=num_heads, **preset_switches("released")["projector"])
+            return NoisyMoEProjector.from_config(cfg, device="meta")
         query = state["query"]
         kv, proj = state.get("kv_proj.weight"), state.get("proj.weight")
-        return QueryCompressor(
-            dim=_dim(query, 1, "sampler.post_qformer.query", where),
-            num_queries=_dim(query, 0, "sampler.post_qformer.query", where),
+        cfg = QueryCompressorConfig(
+            dim=shape_dim(query, 1, "sampler.post_qformer.query", where),
+            num_queries=shape_dim(query, 0, "sampler.post_qformer.query", where),
             num_heads=num_heads,
-            kv_dim=None if kv is None else _dim(kv, 1, "sampler...kv_proj.weight", where),
-            out_dim=None if proj is None else _dim(proj, 0, "sampler...proj.weight", where),
-            mode="reference", device="meta")
+            kv_dim=None if kv is None else shape_dim(kv, 1, "sampler...kv_proj.weight", where),
+            out_dim=None if proj is None else shape_dim(proj, 0, "sampler...proj.weight", where),
+            **preset_switches("released")["compressor"])
+        return QueryCompressor.from_config(cfg, device="meta")
     except CheckpointError:
         raise
     except ValueError as exc:
@@ -255,22 +100,22 @@ def _import_part(part: str, entries: dict[str, tuple[Tensor, str, str]], *, stri
                  num_heads: int | None, dtype: torch.dtype | None, device) -> nn.Module:
     """Check ``entries`` (plain name -> (tensor, key, file)) and build the module from them."""
     where = " + ".join(sorted({label for _, _, label in entries.values()}))
-    ns = "model." + _NAMESPACE[part]
+    ns = "model." + NAMESPACES[part]
     state = {name: t for name, (t, _, _) in entries.items()}
-    missing = sorted(ns + k for k in _REQUIRED[part] if k not in state)
+    missing = sorted(ns + k for k in REQUIRED_KEYS[part] if k not in state)
     unexpected = sorted(key for name, (_, key, _) in entries.items()
-                        if name not in _KNOWN[part])
+                        if name not in KNOWN_KEYS[part])
     problems = ([f"missing keys {missing}"] if missing else []) + (
         [f"unexpected keys {unexpected}"] if unexpected and strict else [])
     if problems:
         raise CheckpointError(f"{where}: not the released SliME {part}: " + ", ".join(problems))
-    state = {k: v for k, v in state.items() if k in _KNOWN[part]}
+    state = {k: v for k, v in state.items() if k in KNOWN_KEYS[part]}
     module = _build(part, state, where, num_heads)
     work = dtype or state["projection.0.weight" if part == "projector" else "query"].dtype
-    fill = {k: torch.full((1,), v) for k, v in _PROJECTOR_DEFAULTS.items()} \
+    fill = {k: torch.full((1,), v) for k, v in PROJECTOR_DEFAULTS.items()} \
         if part == "projector" else {}
     state = {**fill, **state}
-    expected = {k: tuple(v.shape) for k, v in _to_released(part, module.state_dict()).items()}
+    expected = {k: tuple(v.shape) for k, v in to_released(part, module.state_dict()).items()}
     # kv_proj / proj come as a set: a bias without its weight (or the reverse) cannot load
     unpaired = sorted(ns + k for k in set(state) ^ set(expected))
     if unpaired:
@@ -282,7 +127,7 @@ def _import_part(part: str, entries: dict[str, tuple[Tensor, str, str]], *, stri
     nonfloat = sorted(ns + k for k, v in state.items() if not v.dtype.is_floating_point)
     if nonfloat:
         raise CheckpointError(f"{where}: tensors that are not floating point: {nonfloat}")
-    ours = _to_ours(part, {k: v.to(device=device or "cpu", dtype=work) for k, v in state.items()})
+    ours = to_ours(part, {k: v.to(device=device or "cpu", dtype=work) for k, v in state.items()})
     # assign=True swaps the meta tensors for the file's, so nothing is allocated twice
     module.load_state_dict(ours, strict=True, assign=True)
     return module
@@ -302,18 +147,19 @@ class ReleasedWeights:
     sources: tuple[str, ...]
 
     def adapter(
-        self, *, router: CosineTokenRouterConfig | None = None, views: str = "both"
+        self, *, router: CosineTokenRouterConfig | None = None, views: str = "both",
+        legacy_softmax: bool = False,
     ) -> SliMEVisualAdapter:
-        """A :class:`SliMEVisualAdapter` as released: these modules' weights (storage shared, not
-        copied), the projector's MLP shared with the local path, a ``","``-embedding separator
-        (pass ``separator_embeds`` to ``forward``) and ``router`` (default: the released rule,
-        masked sum over the prompt tokens, keep while the cumulative score does not exceed γ).
+        """A :class:`SliMEVisualAdapter` as released (:meth:`SliMEVisualAdapterConfig.released`):
+        these modules' weights (storage shared, not copied), the projector's MLP shared with the
+        local path, a ``","``-embedding separator (pass ``separator_embeds`` to ``forward``) and
+        the released router (masked sum over the prompt tokens, keep while the cumulative score
+        does not exceed γ; ``legacy_softmax=True`` for checkpoints released before Nov 2024).
+        ``router`` replaces the whole router config when given.
 
         Raises:
             CheckpointError: the projector or the compressor was not in the source.
         """
-        from slime_adapters.adapter import SliMEVisualAdapter
-        from slime_adapters.router import CosineTokenRouterConfig
 
         absent = [n for n, m in (("projector (mm_projector)", self.projector),
                                  ("compressor (sampler.post_qformer)", self.compressor))
@@ -321,10 +167,12 @@ class ReleasedWeights:
         if absent:
             raise CheckpointError(f"ReleasedWeights.adapter needs both modules; "
                                   f"{', '.join(absent)} missing from {list(self.sources)}")
-        router = router or CosineTokenRouterConfig(text_pool="sum", crossing="exceed")
-        adapter = SliMEVisualAdapter(
-            projector=self.projector.config, compressor=self.compressor.config, router=router,
-            separator="embedding", local_mlp="shared", views=views, device="meta")
+        config = SliMEVisualAdapterConfig.released(
+            legacy_softmax=legacy_softmax, projector=self.projector.config,
+            compressor=self.compressor.config, views=views)
+        if router is not None:
+            config = config.replace(router=router)
+        adapter = SliMEVisualAdapter.from_config(config, device="meta")
         state = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
         state |= {f"compressor.{k}": v for k, v in self.compressor.state_dict().items()}
         adapter.load_state_dict(state, strict=True, assign=True)
@@ -379,10 +227,10 @@ def import_released(
     entries: dict[str, dict[str, tuple[Tensor, str, str]]] = {p: {} for p in PARTS}
     foreign: list[tuple[str, str]] = []
     labels = []
-    for label, state, default, full_model in _read(source, part):
+    for label, state, default, full_model in read_sources(source, part):
         labels.append(label)
         for key, tensor in state.items():
-            p, name = _classify(key, default)
+            p, name = classify_key(key, default)
             if p is None:
                 if not full_model:
                     foreign.append((label, key))
@@ -428,9 +276,6 @@ def export_released(
         CheckpointError: something the released layout cannot hold (a separate query-expert or
             local MLP, a learned separator); an unsupported object.
     """
-    from slime_adapters.adapter import SliMEVisualAdapter
-    from slime_adapters.compressor import QueryCompressor
-    from slime_adapters.projector import NoisyMoEProjector
 
     if isinstance(modules, SliMEVisualAdapter):
         if modules.local_mlp is not None or modules.separator is not None:
@@ -462,15 +307,15 @@ def export_released(
         if part == "projector":
             like = state["w_gate"]
             state = {**{k: torch.full((1,), v, dtype=like.dtype, device=like.device)
-                        for k, v in _PROJECTOR_DEFAULTS.items()}, **state}
-        released = _to_released(part, state)
-        lacking = sorted(k for k in _REQUIRED[part] if k not in released)
+                        for k, v in PROJECTOR_DEFAULTS.items()}, **state}
+        released = to_released(part, state)
+        lacking = sorted(k for k in REQUIRED_KEYS[part] if k not in released)
         if lacking:
             raise CheckpointError(f"export_released: the {type(module).__name__} has nothing "
                                   f"for the released {lacking} (built with pos_embed='none'?)")
         for name, t in released.items():
             t = t.detach().to("cpu", dtype=dtype or t.dtype, copy=True).contiguous()
-            out[f"{prefix}{_NAMESPACE[part]}{name}"] = t
+            out[f"{prefix}{NAMESPACES[part]}{name}"] = t
     return out
 
 
@@ -498,7 +343,7 @@ def save_released(
         return path
     path.mkdir(parents=True, exist_ok=True)
     for part, name in (("projector", PROJECTOR_FILE), ("sampler", SAMPLER_FILE)):
-        mine = {k: v for k, v in state.items() if k.startswith(prefix + _NAMESPACE[part])}
+        mine = {k: v for k, v in state.items() if k.startswith(prefix + NAMESPACES[part])}
         if mine:
             atomic_write_bytes(path / name, _pickle_bytes(mine))
     return path

@@ -1,6 +1,10 @@
-"""Fixed 2-D sin-cos position tables for square token grids (MAE / Qwen-VL convention).
+"""Building blocks shared by the modules: the two-layer MLP and fixed 2-D sin-cos positions.
 
-Layout legend::
+MLP: ``mlp(in_dim, out_dim)`` is ``Linear(in_dim, out_dim) → GELU → Linear(out_dim, out_dim)`` as
+an ``nn.Sequential`` (state-dict keys ``0.*`` and ``2.*``, the released ``projection`` layout); the
+projector's expert, the query expert's own MLP and the adapter's own local MLP are all this.
+
+Sin-cos positions (MAE / Qwen-VL convention) for square token grids. Layout legend::
 
     t = r * g + c      token index of row r, column c on a g × g grid (row-major raster order)
     table: (t, d)      d = 4 · k; the first d/2 columns encode the column coordinate c, the
@@ -17,9 +21,17 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["grid_side", "interpolate_table_bicubic", "sincos_2d"]
+__all__ = ["grid_side", "interpolate_table_bicubic", "mlp", "sincos_2d"]
+
+
+def mlp(in_dim: int, out_dim: int, *, device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None) -> nn.Sequential:
+    """``Linear(in_dim, out_dim) → GELU → Linear(out_dim, out_dim)`` (keys ``0.*``, ``2.*``)."""
+    fk = {"device": device, "dtype": dtype}
+    return nn.Sequential(nn.Linear(in_dim, out_dim, **fk), nn.GELU(),
+                         nn.Linear(out_dim, out_dim, **fk))
 
 
 def grid_side(num_tokens: int, what: str) -> int:

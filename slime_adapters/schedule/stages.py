@@ -3,6 +3,7 @@
 A :class:`Stage` is a frozen, validated declaration of one training step of the SliME recipe (which
 roles train, on which views, at which learning rate, with which router γ and forced expert, for how
 many steps). :class:`slime_adapters.schedule.AlternatingScheduler` runs a list of them.
+Public through :mod:`slime_adapters.schedule`.
 
 Presets (SPEC §1; learning rates from the paper's Table 7: 1e-3 for the adapter stages, 2e-5 for
 the full fine-tuning of Vicuna-7B; pass 1e-5 for Llama-3-8B):
@@ -34,10 +35,12 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from slime_adapters.slicing.plan import VIEWS
+
 __all__ = [
     "ADAPTER_LR",
     "FINETUNE_LR",
-    "VIEWS",
+    "PAPER_ROLES",
     "ScheduleError",
     "Stage",
     "alternating",
@@ -45,7 +48,6 @@ __all__ = [
     "reference_stages",
 ]
 
-VIEWS = ("global", "local", "both")
 ADAPTER_LR = 1e-3
 FINETUNE_LR = 2e-5
 PAPER_ROLES = ("mlp_expert", "query_expert", "gate", "compressor", "llm")

@@ -1,9 +1,7 @@
-"""Adaptive slicing: choose a grid of tiles for an image, and the visual tokens it will cost.
+"""Grid planning: choose a grid of tiles for an image, and the visual tokens it will cost.
 
 This module is pure Python (no torch import) so that data pipelines and token budgeting can plan
-grids without loading PyTorch. The image side — :class:`AdaptiveSlicer`, :class:`SlicerConfig`,
-:class:`SlicedImage`, :class:`SlicedBatch`, :func:`collate` — lives in ``slime_adapters._slicer``
-and ``slime_adapters._sliced`` and is importable from here too (loaded lazily, on first access).
+grids without loading PyTorch. The image side is :mod:`slime_adapters.slicing.slicer`.
 
 Conventions, everywhere in this module: **width is cols, height is rows**. Sizes are
 ``(width, height)``, grids are ``(cols, rows)``, offsets are ``(x, y)``, and tiles are numbered in
@@ -42,7 +40,6 @@ rejects such images (``min_side``, ``max_aspect_ratio``) before planning.
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from collections.abc import Iterable, Sequence
@@ -54,18 +51,16 @@ __all__ = [
     "POLICIES",
     "SlicePlan",
     "SlicingError",
+    "VIEWS",
     "plan_grid",
     "reference_candidates",
     "visual_token_count",
-    # Loaded lazily from slime_adapters._slicer (they need torch):
-    "AdaptiveSlicer",
-    "SlicedBatch",
-    "SlicedImage",
-    "SlicerConfig",
-    "collate",
 ]
 
 POLICIES = ("paper", "reference", "pinpoints")
+#: The views of an image an adapter can feed the LLM: the global view, the local tiles, or both
+#: (defined once here; the adapter and the training stages use the same names).
+VIEWS = ("global", "local", "both")
 
 #: LLaVA-NeXT's default ``image_grid_pinpoints`` as (width, height) canvas sizes.
 LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = (
@@ -76,23 +71,8 @@ LLAVA_NEXT_PINPOINTS: tuple[tuple[int, int], ...] = (
     (336, 1008),
 )
 
-_LAZY = ("AdaptiveSlicer", "SlicedBatch", "SlicedImage", "SlicerConfig", "collate")
-
-
 class SlicingError(ValueError):
     """An image or a slicing option cannot be used; the message names the input and the problem."""
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
-
-def __getattr__(name: str) -> Any:
-    # PEP 562: the torch-side names load on first use, so planning never imports torch.
-    if name in _LAZY:
-        module = importlib.import_module("slime_adapters._slicer")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -355,8 +335,8 @@ def visual_token_count(
         raise SlicingError(f"keep_fraction must be a number in (0, 1], got {keep_fraction!r}")
     if not 0.0 < keep_fraction <= 1.0:
         raise SlicingError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    if views not in ("both", "global", "local"):
-        raise SlicingError(f"views must be 'both', 'global' or 'local', got {views!r}")
+    if views not in VIEWS:
+        raise SlicingError(f"views must be one of {VIEWS}, got {views!r}")
     local = plan.num_local_tokens(num_queries)
     # The tolerance keeps float noise (0.1 * 1440 = 144.00000000000003) from adding a token.
     kept = max(1, math.ceil(keep_fraction * local - 1e-9)) if local else 0

@@ -26,88 +26,15 @@ Shapes: none; this module moves no tensors, it only flips ``requires_grad``.
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from slime_adapters.stages import (
-    VIEWS,
-    ScheduleError,
-    Stage,
-    alternating,
-    paper_stages,
-    reference_stages,
-)
+from slime_adapters.schedule.roles import RoleSpec
+from slime_adapters.schedule.stages import ScheduleError, Stage
 
-__all__ = [
-    "VIEWS",
-    "AlternatingScheduler",
-    "RoleSpec",
-    "ScheduleError",
-    "Stage",
-    "alternating",
-    "paper_stages",
-    "projector_roles",
-    "reference_stages",
-]
-
-
-@dataclasses.dataclass(frozen=True)
-class RoleSpec:
-    """The parameters of ``module`` whose names match any of ``patterns`` (``None``: all of them).
-
-    Matching: equal, dotted prefix (``"mlp"`` → ``"mlp.0.weight"``) or ``fnmatch`` (``"*lora_*"``).
-    """
-
-    module: nn.Module
-    patterns: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.module, nn.Module):
-            raise ScheduleError(
-                f"RoleSpec: module must be an nn.Module, got {type(self.module).__name__}"
-            )
-        if self.patterns is not None:
-            pats = (self.patterns,) if isinstance(self.patterns, str) else tuple(self.patterns)
-            if not pats or any(not isinstance(p, str) or not p for p in pats):
-                raise ScheduleError(
-                    f"RoleSpec: patterns must be non-empty strings, got {self.patterns!r}"
-                )
-            object.__setattr__(self, "patterns", pats)
-
-    def matches(self, name: str) -> bool:
-        """Whether the parameter called ``name`` (relative to ``module``) belongs to this role."""
-        if self.patterns is None:
-            return True
-        return any(
-            name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p)
-            for p in self.patterns
-        )
-
-
-def projector_roles(projector: nn.Module) -> dict[str, RoleSpec]:
-    """The three roles inside a NoisyMoEProjector, selected by parameter name.
-
-    ``mlp_expert``: ``mlp.*``; ``query_expert``: ``query_expert.*`` and ``query_mlp.*`` (present
-    only when the query expert has its own MLP); ``gate``: ``w_gate`` and ``w_noise``.
-
-    Raises:
-        ScheduleError: ``projector`` lacks an ``mlp``, ``query_expert`` or ``w_gate`` attribute.
-    """
-    for attr in ("mlp", "query_expert", "w_gate"):
-        if not hasattr(projector, attr):
-            raise ScheduleError(
-                f"projector_roles: {type(projector).__name__} has no attribute {attr!r}; "
-                "expected a NoisyMoEProjector (mlp, query_expert, w_gate)"
-            )
-    return {
-        "mlp_expert": RoleSpec(projector, ("mlp",)),
-        "query_expert": RoleSpec(projector, ("query_expert", "query_mlp")),
-        "gate": RoleSpec(projector, ("w_gate", "w_noise")),
-    }
+__all__ = ["AlternatingScheduler"]
 
 
 def _as_spec(role: str, value: Any) -> RoleSpec:
