@@ -310,6 +310,7 @@ def _commit() -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)  # every argument is checked before anything is written
     t_start = time.perf_counter()
+    commit = _commit()  # the code that runs, read before the run
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     indices = {split: task.make_detail_dataset(out / "data" / split, n, seed=seed)
@@ -360,7 +361,7 @@ def main(argv=None) -> dict:
                                   router_gamma=gamma, batch_size=32)
                 rows += summarise(result, variant=name, seed=seed)
     report = {"rows": rows, "chance": chance, "stages": stages_log,
-              "seconds": time.perf_counter() - t_start, "commit": _commit(), "args": vars(args),
+              "seconds": time.perf_counter() - t_start, "commit": commit, "args": vars(args),
               "variants": list(variants)}
     write_outputs(report, out)
     return report
