@@ -102,10 +102,12 @@ def notes(report: dict) -> list[str]:
     j_d = acc("slime-joint", "detail")
     if j_d is not None:
         j_g = acc("slime-joint", "global")
-        winner = "alternating (slime)" if s_d + s_g > j_d + j_g else "joint (slime-joint)"
+        gap = ((s_d + s_g) - (j_d + j_g)) / 2
+        verdict = ("a tie" if abs(gap) < 0.5 else
+                   f"{'alternating (slime)' if gap > 0 else 'joint (slime-joint)'} wins by "
+                   f"{abs(gap):.0f} points on average")
         out.append(f"alternating vs joint training: detail {s_d:.0f}% vs {j_d:.0f}%, global "
-                   f"{s_g:.0f}% vs {j_g:.0f}%; {winner} wins by "
-                   f"{abs((s_d + s_g) - (j_d + j_g)) / 2:.0f} points on average.")
+                   f"{s_g:.0f}% vs {j_g:.0f}%; {verdict}.")
     bad = [f"{s.get('variant') or 'encoder'} {s['stage']}" for s in report["stages"]
            if s.get("loss_fell") is False]
     if bad:
