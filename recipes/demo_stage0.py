@@ -1,18 +1,20 @@
 """Stage 0 of the demo: train the tiny vision encoder once, freeze it, and cache its features.
 
 The paper starts from a pretrained CLIP encoder and never trains it. The demo's encoder starts
-from random weights, so it is trained once here (supervised, on the detail task's training
-images, no text): for every 28-px patch of every view, a linear head names the colour the patch
-shows (none, one of the six small-square colours or one of the three large-shape colours; a
-patch shows a colour when at least :data:`PATCH_MIN_PIXELS` of its pixels are nearest to it); a
+from random weights, so it is trained once here, supervised and without text, on
+``--stage0-pool`` 336-px pictures of the task drawn once (:func:`drawn_views`; half with small
+squares of their size in the tiles, half with squares of their size in a large image's global
+view). For every 28-px patch a linear head names the colour the patch shows (none, one of the six
+small-square colours or one of the three large-shape colours; a patch shows a colour when at
+least :data:`PATCH_MIN_PIXELS` of its pixels are nearest to it; small-square classes weigh 5×); a
 second head names the view's background colour from the mean token; a third names, from every
 token, the small-square colour the view shows (none when no square reaches
 :data:`PATCH_MIN_PIXELS` pixels), so that each token carries what its view holds, as a CLIP
-token carries its image's content. Labels come from the views' pixels, so a square that the
-global view shrinks to a few pixels is labelled "none" there, as it should be. Views that show a
-square are rare: half of every batch is drawn from them and their patch classes weigh 5×. The trained encoder is written to ``<out>/stage0/encoder.safetensors`` with a
-``stage0.json`` stamp and reused while the stamp matches; every variant loads it and keeps it
-frozen, so the demo encodes every view once and trains on the cached features.
+token carries its image's content. Labels come from the views' pixels, so a square shrunk to a
+few pixels is labelled "none", as it should be. The encoder is measured on the views of 16
+validation images, written to ``<out>/stage0/encoder.safetensors`` with a ``stage0.json`` stamp
+and reused while the stamp matches; every variant loads it and keeps it frozen, so the demo
+encodes every view once and trains on the cached features.
 """
 
 from __future__ import annotations
