@@ -46,8 +46,15 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import RESULTS_DIR, environment, pick_device, result_stem, save_json, \
-    time_fn
+from benchmarks._common import (
+    RESULTS_DIR,
+    environment,
+    pick_device,
+    result_stem,
+    save_json,
+    threads,
+    time_fn,
+)
 from benchmarks.bench_router import make_problem
 from slime_adapters.router import CosineTokenRouterConfig
 from slime_adapters.selectors import (
@@ -242,6 +249,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timing-tokens", type=int, nargs="+", default=None,
                    help="token counts at which to time every method (default: all of --tokens)")
     p.add_argument("--min-run-time", type=float, default=0.2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: unchanged; 1 on a shared, loaded machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default {RESULTS_DIR})")
     p.add_argument("--no-plots", action="store_true")
@@ -272,7 +281,7 @@ def main(argv=None) -> int:
         save_json(f"{stem}.json", payload)
         print("selectors disagree with their oracles:", checks, file=sys.stderr)
         return 1
-    with torch.no_grad():
+    with torch.no_grad(), threads(args.threads):
         rows, timings = sparsity_sweep(args, device)
     columns = list(rows[0])
     payload.update(sparsity={"columns": columns, "rows": [[r[c] for c in columns] for r in rows]},
