@@ -85,7 +85,7 @@ def smollm2_llm():
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=GGUF,
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
     return model.eval(), f"SmolLM2-135M-Instruct ({GGUF}, dequantised to float32)"
 
 
