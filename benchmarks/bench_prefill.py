@@ -232,9 +232,10 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / result_stem("bench_prefill", device)
     with threads(args.threads):
+        env = environment(device)  # the commit and thread count the measurement runs with
         rows, notes = measure(args)
         table = flops_table(args)
-    payload = {"benchmark": "prefill", "env": environment(device),
+    payload = {"benchmark": "prefill", "env": env,
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "llms": notes, "prefill": rows, "llama3_8b": {"shape": LLAMA3_8B, "rows": table}}
     files = [save_json(f"{stem}.json", payload)]

@@ -273,7 +273,9 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / result_stem("bench_sparsity", device)
     checks = check_oracles(args.seed)
-    payload: dict[str, Any] = {"benchmark": "sparsity", "env": environment(device),
+    with threads(args.threads):
+        env = environment(device)
+    payload: dict[str, Any] = {"benchmark": "sparsity", "env": env,
                                "args": {k: (str(v) if isinstance(v, Path) else v)
                                         for k, v in vars(args).items()},
                                "checks": checks}
