@@ -134,6 +134,28 @@ class SliMEVisualAdapterConfig(ConfigBase):
             )
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SliMEVisualAdapterConfig:
+        """As :meth:`ConfigBase.from_dict`; the ``router`` dict is read as the config its
+        ``kind`` names (no ``kind``: the cosine router), e.g. ``{"kind": "norm_selector",
+        "keep_fraction": 0.25}``.
+
+        Raises:
+            ConfigError: an unknown router kind, or an invalid field (named).
+        """
+        router = data.get("router") if isinstance(data, dict) else None
+        if isinstance(router, dict):
+            kinds = {c.kind: c for c in ROUTER_CONFIGS}
+            kind = router.get("kind", CosineTokenRouterConfig.kind)
+            if kind not in kinds:
+                raise ConfigError(f"{cls.__name__}: router kind {kind!r} is unknown; kinds: "
+                                  f"{sorted(kinds)}")
+            try:
+                data = {**data, "router": kinds[kind].from_dict(router)}
+            except ConfigError as exc:
+                raise ConfigError(f"{cls.__name__}: invalid config: router: {exc}") from exc
+        return super().from_dict(data)
+
+    @classmethod
     def paper(cls, **changes: Any) -> SliMEVisualAdapterConfig:
         """The paper's behaviour (see the module docstring); ``changes`` set the free fields:
         ``projector``/``compressor``/``router`` as dicts or configs, ``views``.

@@ -240,3 +240,12 @@ def test_the_adapter_takes_a_selector_config_saved_and_loaded(tmp_path):
                            ).config == router
         paper = SliMEVisualAdapterConfig.paper(router=router, **small)
         assert paper.router == router
+    # a router dict is read as the config its kind names (none: the cosine router)
+    assert SliMEVisualAdapterConfig.from_dict(
+        {"router": {"kind": "norm_selector", "keep_count": 3}}).router == NormSelectorConfig(
+        keep_count=3)
+    assert SliMEVisualAdapterConfig.from_dict({"router": {"gamma": 0.5}}).router.gamma == 0.5
+    with pytest.raises(ConfigError, match=r"router kind 'bogus' is unknown; kinds: \["):
+        SliMEVisualAdapterConfig.from_dict({"router": {"kind": "bogus"}})
+    with pytest.raises(ConfigError, match="router: .*gamma must be a finite number"):
+        SliMEVisualAdapterConfig.from_dict({"router": {"gamma": "high"}})
