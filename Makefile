@@ -32,8 +32,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m recipes.demo
 
+# results go to an ignored folder (BENCH_OUT); copy the ones to keep into benchmarks/results
+BENCH_OUT ?= runs/bench
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m benchmarks.run_all --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -108,7 +108,9 @@ def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
         :class:`ChatAnswer`.
 
     Raises:
-        ValueError: ``max_new_tokens`` < 1, an image the slicer refuses
+        ValueError: ``max_new_tokens`` < 1, a prompt whose text, visual tokens and
+            ``max_new_tokens`` exceed the LLM's ``max_position_embeddings``, an image the slicer
+            refuses
             (:class:`~slime_adapters.SlicingError`), or a prompt the template refuses
             (:class:`recipes.templates.TemplateError`, an unknown template name included).
     """
@@ -123,6 +125,7 @@ def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
     images = collate([sliced])
     visual = model.visual_tokens(images, question_ids=question_ids, question_mask=question_mask,
                                  router_gamma=router_gamma, views=views, force_expert=force_expert)
+    _check_length(model, ids[0].tolist(), int(visual.lengths[0]), max_new_tokens)
     stops = template.stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     new = model.generate(images=images, input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -139,6 +142,17 @@ def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
         token_ids=kept, generated_ids=generated, visual_tokens=int(visual.lengths[0]),
         local_offered=None if aux.num_local is None else int(aux.num_local[0]),
         local_kept=None if aux.num_kept is None else int(aux.num_kept[0]))
+
+
+def _check_length(model: SliMEForCausalLM, ids: list[int], visual: int, new: int) -> None:
+    """Refuse a prompt whose text, visual tokens and answer exceed the LLM's positions."""
+    limit = getattr(getattr(model.llm, "config", None), "max_position_embeddings", None)
+    text = sum(t != model.image_token_id for t in ids)
+    if isinstance(limit, int) and text + visual + new > limit:
+        raise ValueError(f"the prompt needs {text} text + {visual} visual tokens + "
+                         f"{new} new tokens = {text + visual + new}, more than the LLM's {limit} "
+                         f"positions (max_position_embeddings); shorten the question, lower "
+                         f"--max-new-tokens or use fewer tiles")
 
 
 def generation_inputs(template: ChatTemplate, tokenizer, conversation: Sequence[Mapping[str, str]],
@@ -232,8 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = stage_settings(extra)  # the trained stage's views and routing, unless overridden
     if args.router_gamma is not None:
         settings["router_gamma"] = args.router_gamma
-    result = respond(model, tokenizer, sliced, args.question, template=template,
-                     max_new_tokens=args.max_new_tokens, **settings)
+    try:
+        result = respond(model, tokenizer, sliced, args.question, template=template,
+                         max_new_tokens=args.max_new_tokens, **settings)
+    except ValueError as exc:  # a prompt longer than the LLM's positions
+        return fail(str(exc))
     print(result.text)
     if args.verbose:
         rate = result.router_keep_rate

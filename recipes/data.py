@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from PIL import Image
 
 from recipes.templates import IGNORE_INDEX, IMAGE_TOKEN, ChatTemplate, TemplateError, get_template
 from slime_adapters.config import atomic_write_text
-from slime_adapters.slicing import AdaptiveSlicer, SlicedImage, collate
+from slime_adapters.slicing import AdaptiveSlicer, SlicedImage, SlicePlan, SlicingError, collate
 
 COLORS = {
     "red": (220, 30, 30),
@@ -106,6 +106,8 @@ class Example:
     labels: torch.Tensor  # (t,) -100 on the prompt
     question_ids: torch.Tensor  # (l,) the question alone, for the router
     answer: str  # the last answer of the conversation
+    record: str = ""  # "record N (id ...)" for messages
+    truncated: int = 0  # text tokens cut off the end to fit max_length
 
 
 class LlavaJsonDataset(torch.utils.data.Dataset):
@@ -124,6 +126,18 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         template: a :func:`recipes.templates.get_template` name (or a template).
         image_root: the folder image paths are relative to (default: the index's folder).
         image_token: the model's image token; the data's ``<image>`` placeholder becomes its id.
+        max_length: the LLM's positions (``None``: no limit). A conversation whose text plus
+            visual tokens exceeds it loses text tokens at its end (:attr:`Example.truncated`
+            counts them); never a visual token, and never all of its answer tokens: such a
+            record raises ``ValueError`` naming it and the lengths.
+        visual_tokens: the visual tokens an image costs the LLM, from its slice plan (needed
+            with ``max_length``; e.g. a :func:`functools.partial` of
+            :func:`slime_adapters.slicing.visual_token_count`).
+        check_images: slice every record's image when the dataset opens (the slicer's checks:
+            existence, size, aspect ratio, decodability) and raise one ``ValueError`` listing
+            every bad record.
+        skip_bad_images: drop the records whose image fails that check (``skipped_bad_images``
+            counts them, with a warning) instead of raising; implies ``check_images``.
 
     Raises:
         FileNotFoundError: ``index`` is missing.
@@ -137,14 +151,19 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def __init__(self, index: str | Path, *, tokenizer, slicer: AdaptiveSlicer,
                  template: str | ChatTemplate = "qa",
-                 image_root: str | Path | None = None, image_token: str = IMAGE_TOKEN) -> None:
+                 image_root: str | Path | None = None, image_token: str = IMAGE_TOKEN,
+                 max_length: int | None = None,
+                 visual_tokens: Callable[[SlicePlan], int] | None = None,
+                 check_images: bool = False, skip_bad_images: bool = False) -> None:
+        if max_length is not None and visual_tokens is None:
+            raise ValueError("max_length needs visual_tokens (the visual-token count of a plan)")
         self.template = get_template(template) if isinstance(template, str) else template
         index = Path(index)
         if not index.is_file():
             raise FileNotFoundError(f"dataset index {str(index)!r} does not exist")
         try:
             records = json.loads(index.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"dataset index {str(index)!r} is not valid JSON: {exc}") from exc
         if not isinstance(records, list):
             raise ValueError(f"dataset index {str(index)!r} must hold a JSON list of records")
@@ -174,6 +193,35 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         self.tokenizer = tokenizer
         self.slicer = slicer
         self.image_token = image_token
+        self.max_length, self.visual_tokens = max_length, visual_tokens
+        self.skipped_bad_images = 0
+        if check_images or skip_bad_images:
+            self._check_images(index, skip=skip_bad_images)
+
+    def _check_images(self, index: Path, *, skip: bool) -> None:
+        """Open, check and decode every record's image (see the class docstring)."""
+        bad, keep = [], []
+        for k, rec in enumerate(self.records):
+            try:
+                self.slicer(self.root / rec["image"])  # as training will: header checks, decode
+            except SlicingError as exc:
+                bad.append(f"record {self.positions[k]} (id {rec.get('id')!r}): {exc}")
+            else:
+                keep.append(k)
+        if not bad:
+            return
+        if not skip:
+            raise ValueError(f"{len(bad)} of {len(self.records)} images of {str(index)!r} are "
+                             f"missing or unreadable (pass skip_bad_images to drop them): "
+                             + "; ".join(bad))
+        self.skipped_bad_images = len(bad)
+        self.records = [self.records[k] for k in keep]
+        self.positions = [self.positions[k] for k in keep]
+        warnings.warn(f"{len(bad)} of {len(bad) + len(keep)} records in {str(index)!r} are "
+                      f"skipped for a missing or unreadable image; the first "
+                      f"{min(len(bad), _SHOWN)}: " + "; ".join(bad[:_SHOWN]), stacklevel=3)
+        if not self.records:
+            raise ValueError(f"no record of {str(index)!r} has a readable image")
 
     def _problem(self, rec: object) -> str | None:
         """The empty string for a good record, None for a text-only one, else why it is bad."""
@@ -200,8 +248,36 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         except TemplateError as exc:
             raise ValueError(f"record {self.positions[i]} (id {rec.get('id')!r}): {exc}") from exc
         answer = rec["conversations"][-1]["value"]
-        return Example(self.slicer(self.root / rec["image"]), torch.tensor(enc.input_ids),
-                       torch.tensor(enc.labels), torch.tensor(enc.question_ids), answer)
+        name = f"record {self.positions[i]} (id {rec.get('id')!r})"
+        image = self.slicer(self.root / rec["image"])
+        ids, labels, cut = enc.input_ids, enc.labels, 0
+        if self.max_length is not None:
+            cut = self._overflow(name, image.plan, ids, labels)
+            ids, labels = ids[:len(ids) - cut], labels[:len(labels) - cut]
+        return Example(image, torch.tensor(ids), torch.tensor(labels),
+                       torch.tensor(enc.question_ids), answer, name, cut)
+
+    def _overflow(self, name: str, plan: SlicePlan, ids: list[int], labels: list[int]) -> int:
+        """How many text tokens to cut off the end so that the sequence fits ``max_length``.
+
+        Raises:
+            ValueError: cutting would reach an image placeholder (its visual tokens) or leave no
+                answer token."""
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        places = [k for k, t in enumerate(ids) if t == image_id]
+        length = len(ids) + len(places) * (self.visual_tokens(plan) - 1)
+        cut = max(0, length - self.max_length)
+        if not cut:
+            return 0
+        keep = len(ids) - cut
+        if (places and keep <= places[-1]) or all(x == IGNORE_INDEX for x in labels[:keep]):
+            raise ValueError(
+                f"{name}: {len(ids) - len(places)} text + {length - len(ids) + len(places)} "
+                f"visual tokens = {length} exceed the LLM's {self.max_length} positions, and "
+                f"cutting the text at the end would leave "
+                f"{'part of the image' if places and keep <= places[-1] else 'no answer token'}"
+                f"; shorten the record or use fewer tiles (data.slicer.max_tiles)")
+        return cut
 
 
 def collate_examples(examples: Sequence[Example], pad_id: int) -> dict[str, object]:
@@ -220,4 +296,6 @@ def collate_examples(examples: Sequence[Example], pad_id: int) -> dict[str, obje
         "question_ids": pad([e.question_ids for e in examples], pad_id),
         "question_mask": pad([torch.ones_like(e.question_ids) for e in examples], 0).bool(),
         "answers": [e.answer for e in examples],
+        "records": [e.record for e in examples],
+        "truncated": sum(bool(e.truncated) for e in examples),
     }

@@ -54,6 +54,27 @@ from slime_adapters.slicing import SlicedBatch
 from slime_adapters.splice import SplicedInputs, splice_into_embeddings
 
 
+class NonFiniteFeaturesError(FloatingPointError):
+    """The vision encoder gave NaN or inf features; ``images`` are their batch indices."""
+
+    def __init__(self, message: str, images: list[int]) -> None:
+        super().__init__(message)
+        self.images = images
+
+
+def _refuse_non_finite(feats: Tensor, owner: Tensor) -> None:
+    """Raise :class:`NonFiniteFeaturesError` when a view's features hold NaN or inf (one
+    reduction and one host synchronisation per batch); ``owner`` (v,) maps views to images."""
+    if bool(torch.isfinite(feats).all()):
+        return
+    bad = ~torch.isfinite(feats).flatten(1).all(dim=1)
+    images = sorted({int(i) for i in owner[bad.cpu()]})
+    raise NonFiniteFeaturesError(
+        f"the vision encoder gave non-finite (NaN or inf) features for image(s) {images} of the "
+        f"batch ({int(bad.sum())} of {bad.numel()} views); refused before they reach the "
+        f"adapter: check those images' pixels and the encoder's weights", images)
+
+
 @dataclass
 class SliMEOutput:
     loss: Tensor | None
@@ -122,6 +143,12 @@ class SliMEForCausalLM(nn.Module):
         if views != "global":
             needed.append(images.tiles)
         feats = self.encode_views(torch.cat(needed).to(dev))
+        owner = []  # the image of every view, for the error message only
+        if views != "local":
+            owner.append(torch.arange(b))
+        if views != "global":
+            owner.append(torch.repeat_interleave(torch.arange(b), images.tiles_per_image.cpu()))
+        _refuse_non_finite(feats, torch.cat(owner))
         glob = feats[:b] if views != "local" else None
         tiles = feats[b if views != "local" else 0:] if views != "global" else None
         text = None

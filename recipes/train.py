@@ -30,7 +30,24 @@ once all ranks are done, and ``latest`` is replaced atomically after that, so an
 leaves the previous checkpoint as the one to resume from. ``--resume auto`` (the default) resumes
 from ``latest`` when it exists and refuses when the checkpoint was written under a different
 configuration (it names the keys that differ); the batch order depends only on the seed and the
-epoch, so a resumed run sees the batches the interrupted one would have seen.
+epoch, so a resumed run sees the batches the interrupted one would have seen. ``--resume never``
+into a folder holding an earlier run moves that run's files into ``output_dir/previous-K/``
+(nothing is deleted); pruning keeps the ``keep_last`` newest checkpoints up to the one ``latest``
+names and never that one.
+
+Faults: every start first tidies what a killed run left (unfinished ``.final.tmp-*`` folders,
+``*.partial`` checkpoints, temporary files of atomic writes) and moves back a ``final`` whose
+replacement was interrupted. Resuming never unpickles with code execution: the trainer's own
+files are read with ``torch.load(weights_only=True)``, and DeepSpeed's, which DeepSpeed unpickles
+unrestricted, are inspected first and refused when they name anything DeepSpeed does not write.
+``report.json``'s ``loss_first`` / ``loss_last`` are the stage's first and last logged loss (a
+rerun that made no step takes them from ``log.jsonl``); a loss that rose is flagged
+(``loss_rose``, a warning). A sample longer than ``data.max_length`` (default: the LLM's
+``max_position_embeddings``), visual tokens counted from the slice plan, loses text at its end,
+never visual tokens nor its whole answer (then the run stops naming the record); the first such
+sample warns and the report counts them (``truncated_samples``). ``data.check_images`` slices
+every image at open and lists all bad records in one error; ``data.skip_bad_images`` drops them
+with a count instead. Non-finite vision features stop the run naming the records.
 """
 
 from __future__ import annotations
@@ -54,7 +71,19 @@ if __name__ == "__main__" and not __package__:
 
 from recipes.train_config import TrainConfigError, load_config
 from recipes.train_engines import build_engine, deepspeed_config, zero3_loading
-from recipes.train_runtime import Distributed, config_fingerprint, init_distributed, lr_factor
+from recipes.train_runtime import (
+    Distributed,
+    append_log,
+    clean_interrupted,
+    config_fingerprint,
+    init_distributed,
+    keep_log_until,
+    latest_checkpoint,
+    lr_factor,
+    set_aside_previous_run,
+    stage_losses,
+    visual_budget,
+)
 from slime_adapters.config import atomic_write_text
 
 __all__ = ["main", "resolve_stage"]
@@ -115,6 +144,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the stage; returns the report (on every rank)."""
     args = _parse(argv)
+    if not torch.cuda.is_available():
+        # DeepSpeed would pick its CPU accelerator anyway, after a warning on every stage
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         cfg = load_config(args.config, args.set)
         check_before_start(cfg)
@@ -191,10 +223,20 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
     from recipes.build import build_model
     from recipes.chat import image_token_of, slicer_for
     from recipes.data import LlavaJsonDataset
+    from recipes.model import NonFiniteFeaturesError
     from slime_adapters import AlternatingScheduler
 
     t = cfg["training"]
     out = Path(t["output_dir"])
+    if dist.rank == 0:
+        for line in clean_interrupted(out):
+            print(f"train: {line}", flush=True)
+        if args.resume == "never":
+            aside = set_aside_previous_run(out)
+            if aside is not None:
+                print(f"train: --resume never: moved the earlier run in {out} to {aside}",
+                      flush=True)
+    dist.barrier()
     index = _prepare_data(cfg, dist)
 
     # a whole number since check_before_start (the same WORLD_SIZE as dist.world)
@@ -215,10 +257,19 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
     stages, stage = resolve_stage(cfg, list(built.roles))
     scheduler = AlternatingScheduler(built.roles, stages, model=model)
     slicer = slicer_for(model, cfg["data"]["slicer"])  # tiles of the encoder's image size
+    data = cfg["data"]
+    max_length = data["max_length"] or getattr(
+        getattr(model.llm, "config", None), "max_position_embeddings", None)
     dataset = LlavaJsonDataset(index, tokenizer=tokenizer, slicer=slicer,
-                               template=cfg["data"]["template"],
-                               image_root=cfg["data"]["image_root"],
-                               image_token=image_token_of(model, tokenizer))
+                               template=data["template"], image_root=data["image_root"],
+                               image_token=image_token_of(model, tokenizer),
+                               max_length=max_length,
+                               visual_tokens=visual_budget(model.adapter, stage.views),
+                               check_images=data["check_images"],
+                               skip_bad_images=data["skip_bad_images"])
+    if dataset.skipped_bad_images and dist.rank == 0:
+        print(f"train: skipped {dataset.skipped_bad_images} record(s) with a bad image",
+              flush=True)
 
     per_epoch = len(dataset) // t["global_batch_size"]
     if per_epoch < 1:
@@ -233,7 +284,7 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
     fingerprint = config_fingerprint(cfg)
     start = 0
     if args.resume != "never":
-        found = Path(args.resume) if args.resume != "auto" else _latest(ckdir)
+        found = Path(args.resume) if args.resume != "auto" else latest_checkpoint(ckdir)
         if found is not None:
             start = engine.load(found, fingerprint)
             if dist.rank == 0:
@@ -244,7 +295,7 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
 
         atomic_write_text(out / "config.yaml", yaml.safe_dump(
             {k: v for k, v in cfg.items() if k != "source"}, sort_keys=False))
-        _keep_log_until(out / "log.jsonl", start)  # rows of steps a resumed run repeats go
+        keep_log_until(out / "log.jsonl", start)  # rows of steps a resumed run repeats go
     if start >= total and (out / "final").exists() and (out / "report.json").is_file():
         if dist.rank == 0:
             print(f"train: stage {stage.name} is already complete in {out}", flush=True)
@@ -264,12 +315,24 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
     progress = _progress(total, start, enabled=t["progress"] and dist.rank == 0)
     losses: list[float] = []
     t0 = time.perf_counter()
-    step, window = start, []
+    step, window, truncated = start, [], 0
     for micro_index, batch in enumerate(loader, start=start * accum):
         boundary = (micro_index + 1) % accum == 0
         engine.set_lr(lr_factor(step, total, t))
-        result = engine.forward(batch, views=scheduler.views, router_gamma=scheduler.router_gamma,
-                                force_expert=scheduler.force_expert)
+        if batch["truncated"] and not truncated and dist.rank == 0:
+            print(f"train: warning: samples longer than {max_length} tokens (text + visual) "
+                  f"lose text at their end (never visual tokens); the report counts them",
+                  file=sys.stderr, flush=True)
+        truncated += batch["truncated"]
+        try:
+            result = engine.forward(batch, views=scheduler.views,
+                                    router_gamma=scheduler.router_gamma,
+                                    force_expert=scheduler.force_expert)
+        except NonFiniteFeaturesError as exc:
+            names = [batch["records"][i] for i in exc.images]
+            raise FloatingPointError(f"train: step {step} (micro-batch {micro_index}): the "
+                                     f"vision features of {', '.join(names)} are not finite; "
+                                     f"stopping before they spread") from exc
         if not torch.isfinite(result.loss):
             raise FloatingPointError(f"train: the loss is {result.loss.item()} at step {step} "
                                      f"(micro-batch {micro_index}); stopping before it spreads")
@@ -284,8 +347,8 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
         losses.append(loss)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}")
-        if dist.rank == 0 and (step % t["log_every"] == 0 or step == total):
-            _log(out, {"step": step, "loss": loss, "lr": engine.lr,
+        if dist.rank == 0 and (step % t["log_every"] == 0 or step in (1, total)):
+            append_log(out, {"step": step, "loss": loss, "lr": engine.lr,
                        "seconds": round(time.perf_counter() - t0, 3)})
         if t["save_every"] and step % t["save_every"] == 0 and step < total:
             engine.save(ckdir, step, fingerprint, keep_last=t["keep_last"])
@@ -296,48 +359,35 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
             "stage": stage.to_dict(), "preset": cfg["stage"]["preset"]})
     if total > start:
         engine.save(ckdir, total, fingerprint, keep_last=t["keep_last"])
-    # losses of the steps this run made (the whole curve is in log.jsonl)
+    # the stage's first and last logged loss (log.jsonl holds the steps before a resume too, and
+    # a rerun killed before its report made no step of its own)
+    curve = stage_losses(out / "log.jsonl") if dist.rank == 0 else losses
+    first = curve[0] if curve else (losses[0] if losses else None)
+    last = losses[-1] if losses else (curve[-1] if curve else None)
+    rose = first is not None and last is not None and last > first
+    truncated = round(dist.mean(torch.tensor(float(truncated))) * dist.world)  # every rank's
     report = {"stage": stage.name, "views": stage.views, "trainable": list(stage.trainable),
               "steps": total, "resumed_from": start, "world_size": dist.world,
-              "accumulation": accum, "loss_first": losses[0] if losses else None,
-              "loss_last": losses[-1] if losses else None,
+              "accumulation": accum, "loss_first": first, "loss_last": last, "loss_rose": rose,
+              "truncated_samples": truncated,
               "seconds": time.perf_counter() - t0, "engine": engine.name}
     if dist.rank == 0:
         atomic_write_text(out / "report.json", json.dumps(report, indent=2))
         print(f"train: stage {stage.name} ({stage.views}, trains {', '.join(stage.trainable)}): "
-              f"{total - start} steps, loss {report['loss_first']} -> {report['loss_last']}; "
+              f"{total - start} steps, loss {_fmt(first)} -> {_fmt(last)}; "
               f"saved {out / 'final'}", flush=True)
+        if truncated:
+            print(f"train: {truncated} sample(s) were cut to {max_length} tokens (text at "
+                  f"their end)", flush=True)
+        if rose:
+            print(f"train: warning: the loss of stage {stage.name} rose ({_fmt(first)} -> "
+                  f"{_fmt(last)}); check training.lr and the stage's data before the next stage",
+                  file=sys.stderr, flush=True)
     return report
 
 
-def _latest(ckdir: Path) -> Path | None:
-    pointer = ckdir / "latest"
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text(encoding="utf-8").strip()
-    path = ckdir / tag
-    if not path.is_dir():
-        raise FileNotFoundError(f"{pointer} names {tag!r}, which is not a folder in {ckdir}")
-    return path
-
-
-def _keep_log_until(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a row torn by the interruption
-        if isinstance(row, dict) and row.get("step", 0) <= step:
-            rows.append(line)
-    atomic_write_text(path, "".join(f"{ln}\n" for ln in rows))
-
-
-def _log(out: Path, row: dict[str, Any]) -> None:
-    with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
+def _fmt(loss: float | None) -> str:
+    return "n/a" if loss is None else f"{loss:.4f}"
 
 
 def _progress(total: int, start: int, *, enabled: bool):
@@ -350,6 +400,9 @@ def _progress(total: int, start: int, *, enabled: bool):
 if __name__ == "__main__":
     try:
         main()
-    except (TrainConfigError, FileNotFoundError) as exc:
-        print(f"train: {exc}", file=sys.stderr)
+    # the library's errors (bad records, images, checkpoints: ValueError subclasses) and a
+    # non-finite loss or feature name their problem: one line, exit status 2
+    except (TrainConfigError, FileNotFoundError, ValueError, FloatingPointError) as exc:
+        message = str(exc)
+        print(message if message.startswith("train: ") else f"train: {message}", file=sys.stderr)
         sys.exit(2)

@@ -49,6 +49,10 @@ _KEYS: dict[str, dict[str, tuple[Any, tuple[type, ...]]]] = {
         "generate": (None, (dict,)),        # {num, seed, square, clutter}: write the colour task
                                             # into `train`'s folder when `train` does not exist
         "num_workers": (0, (int,)),
+        "check_images": (False, (bool,)),   # slice every image at open; one error lists the bad
+        "skip_bad_images": (False, (bool,)),  # drop records with a bad image (counted) instead
+        "max_length": (None, (int,)),       # text + visual tokens per sample (default: the
+                                            # LLM's max_position_embeddings); longer text is cut
     },
     "training": {
         "output_dir": (None, (str,)),
@@ -225,6 +229,8 @@ def _check_values(cfg: dict[str, Any]) -> None:
         raise TrainConfigError("stage.trainable must be a list of role names")
     if cfg["data"]["num_workers"] < 0:
         raise TrainConfigError("data.num_workers must be >= 0")
+    if cfg["data"]["max_length"] is not None and cfg["data"]["max_length"] < 1:
+        raise TrainConfigError(f"data.max_length must be >= 1, got {cfg['data']['max_length']}")
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -40,6 +40,73 @@ def zero_stage(config: dict[str, Any] | None) -> int:
     return int((config or {}).get("zero_optimization", {}).get("stage", 0))
 
 
+def _step_of(path: Path) -> int | None:
+    """The step of a complete checkpoint folder ``step-N`` (``None`` for anything else)."""
+    head, _, number = path.name.partition("-")
+    if head != "step" or not number.isdigit() or not path.is_dir():
+        return None
+    return int(number)
+
+
+def prune_checkpoints(ckdir: Path, step: int, keep_last: int) -> None:
+    """Delete the checkpoints older than the ``keep_last`` newest up to ``step`` (the one
+    ``latest`` names). Checkpoints of later steps (an older trajectory a run resumed before) are
+    left alone, and ``step-N`` itself is never deleted."""
+    older = sorted(s for s in map(_step_of, ckdir.iterdir()) if s is not None and s < step)
+    for old in older[:max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(ckdir / f"step-{old:07d}", ignore_errors=True)
+
+
+# What DeepSpeed's own checkpoint files name beside tensors (its loader unpickles them with
+# weights_only=False, so every file is inspected first, without running it)
+_DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def refuse_unsafe_pickles(folder: Path, allowed: frozenset[str] = _DEEPSPEED_GLOBALS) -> None:
+    """Inspect every ``*.pt`` in ``folder`` (nothing is unpickled) and refuse a file that names a
+    Python object outside torch's safe set and ``allowed``.
+
+    Raises:
+        TrainConfigError: naming the file and the objects it would build.
+    """
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            names = get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as exc:  # noqa: BLE001 - not a torch zip file at all
+            raise TrainConfigError(f"checkpoint file {str(path)!r} is not a readable torch file "
+                                   f"(truncated or corrupt?): {exc}") from exc
+        unsafe = sorted(set(names) - allowed)
+        if unsafe:
+            raise TrainConfigError(
+                f"checkpoint file {str(path)!r} would run code while loading (it names {unsafe}); "
+                f"refused: resume only from checkpoints this trainer wrote")
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load`` with torch's restricted unpickler (tensors, numbers, strings, tuples, lists,
+    dicts): never code from the checkpoint folder.
+
+    Raises:
+        TrainConfigError: the file is missing, damaged or asks for anything else (named).
+    """
+    if not path.is_file():
+        raise TrainConfigError(f"checkpoint file {str(path)!r} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+        raise TrainConfigError(f"checkpoint file {str(path)!r} was refused by "
+                               f"torch.load(weights_only=True) (damaged, or it would run code): "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                               ) from exc
+
+
 class _Engine:
     """Shared by both engines: learning rate, forward arguments, the checkpoint protocol."""
 
@@ -91,14 +158,14 @@ class _Engine:
             atomic_write_text(partial / "trainer_state.json", json.dumps(
                 {"step": step, "stage": self.stage.name, "world_size": d.world,
                  "engine": self.name, "fingerprint": fingerprint}, indent=1))
+            replaced = ckdir / f"{tag}.replaced"  # moved back by the next start if killed
             if final.exists():
-                shutil.rmtree(final)
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)
             os.replace(partial, final)
+            shutil.rmtree(replaced, ignore_errors=True)
             atomic_write_text(ckdir / "latest", tag)
-            done = sorted(p for p in ckdir.glob("step-*") if p.is_dir()
-                          and not p.name.endswith(".partial"))
-            for old in done[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(ckdir, step, keep_last)
         d.barrier()
         return final
 
@@ -113,7 +180,13 @@ class _Engine:
         if not state_file.is_file():
             raise FileNotFoundError(f"{str(path)!r} is not a complete checkpoint (no "
                                     f"trainer_state.json)")
-        state = json.loads(state_file.read_text(encoding="utf-8"))
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            missing = {"step", "fingerprint", "world_size", "engine"} - set(state)
+        except (ValueError, TypeError) as exc:  # JSON, UTF-8, not a mapping
+            raise TrainConfigError(f"{str(state_file)!r} is damaged: {exc}") from exc
+        if missing:
+            raise TrainConfigError(f"{str(state_file)!r} is damaged: no {sorted(missing)}")
         diff = config_differences(state["fingerprint"], fingerprint)
         if diff:
             raise TrainConfigError(
@@ -124,7 +197,7 @@ class _Engine:
                 raise TrainConfigError(f"checkpoint {str(path)!r} was written with {key}="
                                        f"{state[key]!r}, this run has {mine!r}")
         self._load_state(path)
-        rng = torch.load(path / f"rng-rank{self.dist.rank}.pt", weights_only=False)
+        rng = safe_torch_load(path / f"rng-rank{self.dist.rank}.pt")
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if rng["cuda"] and torch.cuda.is_available():
@@ -203,7 +276,7 @@ class TorchEngine(_Engine):
                         "optimizer": self.optimizer.state_dict()}, folder / "state.pt")
 
     def _load_state(self, path: Path) -> None:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        state = safe_torch_load(path / "state.pt")
         mine = self._trainable()
         if set(state["trainable"]) != set(mine):
             raise TrainConfigError(f"checkpoint {str(path)!r} holds other trainable parameters "
@@ -257,6 +330,7 @@ class DeepSpeedEngine(_Engine):
                                     exclude_frozen_parameters=True)
 
     def _load_state(self, path: Path) -> None:
+        refuse_unsafe_pickles(path)
         self.engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
 
     def _full_state_dict(self):

@@ -4,10 +4,7 @@ Public names are imported on first use, so ``from slime_adapters.slicing import 
 in an environment without torch, and ``import slime_adapters`` stays cheap.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+import importlib as _importlib
 
 __version__ = "0.1.0.dev0"
 
@@ -94,14 +91,15 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'slime_adapters' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"slime_adapters.{module}"), name)
+    value = getattr(_importlib.import_module(f"slime_adapters.{module}"), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    # the public names and the module's own dunders (no helper imports, no loaded submodules)
+    return sorted(set(__all__) | {k for k in globals() if k.startswith("__")})

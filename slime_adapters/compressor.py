@@ -257,6 +257,10 @@ class QueryCompressor(ConfigurableMixin, nn.Module):
             raise ValueError("x has no tokens per tile (x.shape[1] == 0): nothing to attend to")
         if not x.dtype.is_floating_point:
             raise ValueError(f"x must be floating point, got {x.dtype}")
+        weight = next(self.parameters())
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{type(self).__name__}: x is {x.dtype} but the module's weights are "
+                             f"{weight.dtype}; cast one to the other or run under torch.autocast")
         if key_mask is not None:
             if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
                 kind = key_mask.dtype if isinstance(key_mask, Tensor) else type(key_mask).__name__

@@ -186,6 +186,13 @@ def _restore(tp: Any, value: Any) -> Any:
     return value
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a file so that readers see either the old content or the new, never half of it:
     write a temporary file beside it, flush it to disk, then rename it over the target."""
@@ -193,6 +200,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600 files; give the file the mode open() would (0666 minus the umask)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -259,7 +268,11 @@ class ConfigBase:
             path = Path(path_or_text)
             if not path.is_file():
                 raise ConfigError(f"{cls.__name__}: config file {str(path)!r} does not exist")
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{cls.__name__}: {str(path)!r} is not UTF-8 text: {exc}") \
+                    from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -352,6 +352,10 @@ class NoisyMoEProjector(ConfigurableMixin, nn.Module):
                 or ``noise_sample``; non-finite ``x`` with ``check_finite``.
         """
         self._validate(x, force_expert, noise_sample)
+        weight = self.w_gate
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{type(self).__name__}: x is {x.dtype} but the module's weights are "
+                             f"{weight.dtype}; cast one to the other or run under torch.autocast")
         expert = self.force_expert if force_expert is None else force_expert
         if self.check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError("x holds NaN or inf (check_finite=True)")

@@ -33,7 +33,9 @@ Selection rule (per image, vectorised over the batch with one sort, one cumsum a
    (a float cumsum may never reach exactly 1.0).
 6. K ← min(clamp(K, min_keep, max_keep), number of valid tokens); the first K sorted tokens are kept
    and the keep mask is scattered back to raster positions.
-7. A sample whose question has no valid token: ``on_empty_text="keep_all"`` (default) keeps all its
+7. A token whose score is NaN or ±inf (a non-finite feature) counts as masked: it is never kept and
+   the other tokens of its image are selected as if it were absent.
+8. A sample whose question has no valid token: ``on_empty_text="keep_all"`` (default) keeps all its
    valid image tokens, as γ = 1 would (captioning prompts carry no question; ``forward`` stays free
    of host synchronisation); ``on_empty_text="raise"`` raises :class:`RouterInputError`, which costs
    one host synchronisation per call.
@@ -347,6 +349,7 @@ class CosineTokenRouter(ConfigurableMixin, nn.Module):
         device = scores.device
         valid = (torch.ones(b, n, dtype=torch.bool, device=device) if image_mask is None
                  else image_mask)
+        valid = valid & torch.isfinite(scores)  # a NaN / inf score is never kept (rule 7)
         if cfg.legacy_softmax:
             scores = _masked_softmax(scores / LEGACY_SOFTMAX_TEMPERATURE, valid)
         if noise is not None:

@@ -302,11 +302,11 @@ def test_a_configured_image_token_reaches_the_prompts(stage1, tmp_path):
 
 
 def test_a_torn_log_row_does_not_stop_a_resume(tmp_path):
-    from recipes.train import _keep_log_until
+    from recipes.train_runtime import keep_log_until
 
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
-    _keep_log_until(log, 2)
+    keep_log_until(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 

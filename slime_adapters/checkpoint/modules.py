@@ -7,8 +7,8 @@ A saved module is a directory holding
 * ``model.safetensors``: the state dict, with the same config JSON in the file's metadata, so that a
   weights file and a config file from two different saves are detected instead of silently mixed.
 
-Each file is written to a temporary name and renamed into place, so an interrupted save never
-leaves a half-written file. Loading finds the class from the config's ``kind`` through
+The pair is written into a temporary sibling folder that is renamed into place once complete, so an
+interrupted save leaves the previous pair (or none), never a half-written file or a mixed pair. Loading finds the class from the config's ``kind`` through
 :func:`register_module` (or takes ``cls=``), builds the module from its config and loads the
 weights with their saved dtype; unknown config keys (a newer version) warn, missing or unexpected
 tensors and shape mismatches raise :class:`CheckpointError` naming every offending key.
@@ -24,6 +24,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import secrets
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,7 +43,6 @@ from slime_adapters.config import (
     ConfigurableMixin,
     UnknownConfigKeyWarning,
     atomic_write_bytes,
-    atomic_write_text,
 )
 
 __all__ = [
@@ -155,11 +156,51 @@ def save_module(module: nn.Module, directory: str | os.PathLike[str]) -> Path:
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
     config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(directory / WEIGHTS_NAME,
-                        st_save(tensors, metadata={"format": "pt", _META_KEY: config_json}))
-    atomic_write_text(directory / CONFIG_NAME, config_json)
+    weights = st_save(tensors, metadata={"format": "pt", _META_KEY: config_json})
+    _write_pair(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: config_json.encode("utf-8")})
     return directory
+
+
+def _write_pair(directory: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into a fresh sibling ``.NAME.saving-*`` folder and rename it to
+    ``directory`` (an existing one is moved aside first, restored if the rename fails). Stale
+    siblings of an interrupted save are removed first, a moved-aside one restored when
+    ``directory`` itself is gone."""
+    parent, name = directory.parent, directory.name
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(parent.glob(f".{name}.saving-*")):
+        if stale.name.endswith("-old") and not directory.exists():
+            os.replace(stale, directory)  # killed between the two renames below
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+    if directory.exists():
+        if not directory.is_dir():
+            raise CheckpointError(f"save_module: {str(directory)!r} exists and is not a folder")
+        other = sorted(p.name for p in directory.iterdir() if p.name not in files
+                       and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+        if other:
+            raise CheckpointError(
+                f"save_module: {str(directory)!r} holds other entries {other[:5]}; the saved "
+                f"pair replaces the folder as a whole: save into a new or empty folder")
+    tag = secrets.token_hex(4)
+    tmp = parent / f".{name}.saving-{tag}"
+    tmp.mkdir()  # mkdir, not mkdtemp: the umask applies
+    try:
+        for fname, data in files.items():
+            atomic_write_bytes(tmp / fname, data)
+        if not directory.exists():
+            os.replace(tmp, directory)
+            return
+        old = parent / f".{name}.saving-{tag}-old"
+        os.replace(directory, old)
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            os.replace(old, directory)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_safetensors(
@@ -196,8 +237,9 @@ def check_state_dict(
     """Check that ``state`` fits ``module``: same keys (if ``strict``) and the same shapes.
 
     Raises:
-        CheckpointError: listing the missing keys, the unexpected keys (both only if ``strict``)
-            and every shape mismatch as ``name: checkpoint (..) vs module (..)``.
+        CheckpointError: listing the missing keys, the unexpected keys (both only if ``strict``),
+            every shape mismatch as ``name: checkpoint (..) vs module (..)`` and every tensor
+            whose dtype is integer where the module's is floating point (or the reverse).
     """
     expected = module.state_dict()
     problems = []
@@ -215,6 +257,15 @@ def check_state_dict(
     ]
     if shapes:
         problems.append("shape mismatches [" + "; ".join(shapes) + "]")
+    kinds = [
+        f"{k}: checkpoint {str(state[k].dtype).removeprefix('torch.')} vs module "
+        f"{str(expected[k].dtype).removeprefix('torch.')}"
+        for k in sorted(set(expected) & set(state))
+        if state[k].is_floating_point() != expected[k].is_floating_point()
+        or state[k].is_complex() != expected[k].is_complex()
+    ]
+    if kinds:
+        problems.append("dtype mismatches (floating point vs integer) [" + "; ".join(kinds) + "]")
     if problems:
         where = f"{source}: " if source else ""
         raise CheckpointError(
@@ -228,8 +279,8 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"config file {str(path)!r} does not exist")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON (UTF-8): {exc}") from exc
     if not isinstance(data, dict) or "kind" not in data:
         raise CheckpointError(f"{str(path)!r} has no 'kind'; not a slime-adapters config")
     return data

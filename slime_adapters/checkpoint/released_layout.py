@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -157,7 +156,8 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
             f"{str(path)!r} was refused by torch.load(weights_only=True): it needs arbitrary code "
             f"to unpickle or is not a weights file; it is never opened otherwise ({exc})"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the restricted unpickler ran no code; a text or
+        # damaged file fails in many ways (RuntimeError, EOFError, BadZipFile, KeyError, ...)
         raise CheckpointError(
             f"{str(path)!r} is not a readable torch weights file (truncated or corrupt?): {exc}"
         ) from exc

@@ -86,7 +86,7 @@ def load_schedule_state(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any
         raise ScheduleError(f"no schedule state at {str(path)!r}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ScheduleError(f"{str(path)!r} is not valid JSON: {exc}") from exc
 
 

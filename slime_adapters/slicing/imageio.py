@@ -9,8 +9,10 @@ Mode conversion (to RGB):
 * alpha modes (RGBA, LA, PA, RGBa, La, and P/L/RGB with a transparency key) are composited onto the
   fill colour, so transparent areas look like padding rather than black (``alpha="drop"``
   discards the alpha channel instead, as the released code's ``convert("RGB")`` does);
-* I, I;16, I;16B, I;16L, I;16N are 16-bit samples: 0…65535 maps to 0…255 (÷257, rounded);
-* F is taken as 0…255 and clipped (PIL's own conversion);
+* I;16, I;16B, I;16L, I;16N are 16-bit samples: 0…65535 maps to 0…255 (÷257, rounded);
+* I (32-bit integers) is read by its value range: samples within 0…255 are 8-bit values (as PIL
+  converts them), within 0…65535 16-bit ones (÷257), anything else (negative, larger) is refused;
+* F is taken as 0…255 and clipped (PIL's own conversion); NaN or ±inf samples are refused;
 * every other mode (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX, …) through PIL's ``convert("RGB")``
   (CMYK without an ICC profile, as PIL converts it).
 
@@ -135,6 +137,9 @@ def decode(image: Image.Image, name: str) -> Image.Image:
     Raises:
         SlicingError: truncated or corrupt data.
     """
+    # read before decoding, as plan_image does: a PNG eXIf chunk after the pixel data (which
+    # browsers ignore too) must not rotate the slice of an image planned as upright
+    orientation = _orientation(image, decoded=False)
     try:
         image.load()
     except Image.DecompressionBombError as exc:
@@ -142,25 +147,40 @@ def decode(image: Image.Image, name: str) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - corrupt data surfaces as OSError, struct.error, zlib.error, ...
         raise SlicingError(f"image {name}: truncated or corrupt image data: {exc}") from exc
     # exif_transpose copies even when there is nothing to do; skip it for upright images.
-    if _orientation(image, decoded=True) in (2, 3, 4, 5, 6, 7, 8):
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
         transposed = ImageOps.exif_transpose(image)
         if transposed is not None:
             image = transposed
     return image
 
 
-def to_rgb(image: Image.Image, fill: tuple[int, int, int], *, alpha: str = "composite") -> Image.Image:
+def to_rgb(image: Image.Image, fill: tuple[int, int, int], *, alpha: str = "composite",
+           name: str | None = None) -> Image.Image:
     """Convert any PIL mode to RGB (see the module docstring); RGB input is returned as is.
 
     ``alpha="drop"`` ignores transparency (PIL's plain ``convert("RGB")``, what the released
-    SliME code does) instead of compositing on ``fill``."""
+    SliME code does) instead of compositing on ``fill``. ``name`` names the image in errors.
+
+    Raises:
+        SlicingError: mode I samples outside 0…65535, mode F samples that are NaN or ±inf."""
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode in _SIXTEEN_BIT:
         samples = np.asarray(image).astype(np.float32)
-        grey = np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8)
+        scale = 257.0
+        if mode == "I" and samples.size:
+            low, high = float(samples.min()), float(samples.max())
+            if low < 0 or high > 65535:
+                raise SlicingError(
+                    f"image {name or describe_source(image)}: mode I samples span {low:g}…"
+                    f"{high:g}, neither 8-bit (0…255) nor 16-bit (0…65535) values; rescale it")
+            scale = 1.0 if high <= 255 else 257.0
+        grey = np.clip(np.rint(samples / scale), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "F" and not np.isfinite(np.asarray(image)).all():
+        raise SlicingError(f"image {name or describe_source(image)}: mode F holds NaN or "
+                           f"infinite samples")
     if alpha == "composite" and (mode in _ALPHA_MODES or "transparency" in image.info):
         rgba = image.convert("LA").convert("RGBA") if mode == "La" else image.convert("RGBA")
         background = Image.new("RGB", rgba.size, fill)
@@ -197,7 +217,7 @@ def load_rgb(
             min_side=min_side,
             max_aspect_ratio=max_aspect_ratio,
         )
-        rgb = to_rgb(decode(image, name), fill, alpha=alpha)
+        rgb = to_rgb(decode(image, name), fill, alpha=alpha, name=name)
     except BaseException:
         if owned:
             image.close()
