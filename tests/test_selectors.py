@@ -185,6 +185,7 @@ def test_every_input_error_names_the_problem():
     _err("image_tokens must be floating point, got torch.int64", lambda: s(x.long()))
     _err(r"text_embeds must be \(b=2, l, d=6\)", lambda: s(x, t[:1]))
     _err("text_embeds must have rank 3", lambda: s(x, t[0]))
+    _err("text_embeds must be a torch.Tensor, got list", lambda: s(x, [[1.0]]))
     _err(r"image_mask must be a bool tensor \(True = valid\), got torch.int64",
          lambda: s(x, image_mask=mask.long()))
     _err(r"image_mask must have shape \(2, 6\), got \(2, 5\)", lambda: s(x, image_mask=mask[:, :5]))
@@ -242,3 +243,14 @@ def test_cls_attention_and_pooled_saliency():
         torch.ones(3, 16, dtype=torch.long), 2))
     _err("neither the 4 local tokens nor a square patch grid",
          lambda: sa.selectors.pool_saliency(torch.rand(3, 15), 2))
+
+
+def test_build_router_takes_every_router_config_and_refuses_others():
+    from slime_adapters.selectors import ROUTER_CONFIGS, build_router
+
+    for cfg_cls in ROUTER_CONFIGS:
+        module = build_router(cfg_cls())
+        assert module.config == cfg_cls()
+    with pytest.raises(sa.ConfigError, match="router must be one of CosineTokenRouterConfig, "
+                                             "RandomSelectorConfig.*got QueryCompressorConfig"):
+        build_router(sa.QueryCompressorConfig())
