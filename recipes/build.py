@@ -25,10 +25,11 @@ key, e.g. ``model.vision.typo``; a missing folder raises ``FileNotFoundError`` n
     separator_token: ","     added if missing; used when adapter.separator == "embedding"
     lora: null               or {r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}
     gradient_checkpointing: false
-    init_from: null          a folder written by SliMEForCausalLM.save_pretrained: its weights and
-                             tokenizer are loaded; the rest of the cfg must agree with the saved one
-                             (gradient_checkpointing, dtype may differ, and lora may be added to a
-                             model saved without it)
+    init_from: null          a folder written by recipes.model_folder.save_model_folder (a
+                             training run's final/): its weights and tokenizer are loaded; the rest
+                             of the cfg must agree with the saved one (gradient_checkpointing,
+                             dtype and lora may differ: a LoRA model is saved merged, and lora adds
+                             new LoRA layers on top)
     dtype: float32           float32 | bfloat16 | float16
 
 The LLM's embeddings are resized when tokens were added; a tokenizer without a pad token gets its
@@ -55,7 +56,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from recipes.model import SliMEForCausalLM
 from recipes.model_config import (
     DTYPES,
     LLM_TYPES,
@@ -65,24 +65,23 @@ from recipes.model_config import (
     existing_folder,
     parse_model_config,
 )
-from recipes.model_folder import load_complete, quiet_transformers, read_slime_json
-from slime_adapters.adapter import SliMEVisualAdapter, SliMEVisualAdapterConfig
-from slime_adapters.schedule import RoleSpec
+from recipes.model_folder import load_complete, load_model_folder, quiet_transformers
+from slime_adapters import RoleSpec, SliMEVisualAdapter, SliMEVisualAdapterConfig
 
 __all__ = ["Built", "build_model", "roles_of"]
 
 # keys that may differ from the saved build config under init_from
-FREE_KEYS = ("init_from", "gradient_checkpointing", "dtype")
+FREE_KEYS = ("init_from", "gradient_checkpointing", "dtype", "lora")
 
 
 @dataclasses.dataclass
 class Built:
     """What :func:`build_model` returns."""
 
-    model: SliMEForCausalLM
+    model: Any  # slime_adapters.hf.SliMEForConditionalGeneration
     tokenizer: Any
     roles: dict[str, RoleSpec | nn.Module]
-    config: dict[str, Any]  # the normalised, JSON-ready cfg (also ``model.build_config``)
+    config: dict[str, Any]  # the normalised, JSON-ready cfg (also ``model.config.recipe_config``)
 
 
 # ------------------------------------------------------------------------------------ building
@@ -94,7 +93,8 @@ def _load_vision(spec: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     if "type" in v:
         conf_name, model_name, _ = VISION_TYPES[v["type"]]
         conf = getattr(transformers, conf_name)(**v["config"])
-        return getattr(transformers, model_name)(conf).to(dtype)
+        # _from_config resolves the attention implementation as from_pretrained does
+        return getattr(transformers, model_name)._from_config(conf).to(dtype)
     where = f"{TOP}.vision.path"
     path = Path(existing_folder(v["path"], where))
     model_type = _model_type(path, where)
@@ -179,7 +179,8 @@ def _load_llm(spec: dict[str, Any], tokenizer, dtype: torch.dtype) -> nn.Module:
     llm = spec["llm"]
     if "type" in llm:
         conf_name, model_name = LLM_TYPES[llm["type"]]
-        model = getattr(transformers, model_name)(getattr(transformers, conf_name)(**llm["config"]))
+        model = getattr(transformers, model_name)._from_config(
+            getattr(transformers, conf_name)(**llm["config"]))
         model = model.to(dtype)
     else:
         where = f"{TOP}.llm.path"
@@ -241,6 +242,15 @@ def _normalise(spec: dict[str, Any], vision: nn.Module, llm: nn.Module) -> SliME
     return config
 
 
+def _normalisation(spec: dict[str, Any], vision: nn.Module) -> dict[str, Any]:
+    """The slicer's mean and std: the encoder folder's own image processor's, else its family's
+    (CLIP's or SigLIP's)."""
+    from slime_adapters.hf import SliMEImageProcessor
+
+    ip = SliMEImageProcessor.for_encoder(vision.config, spec["vision"].get("path"))
+    return {"mean": list(ip.mean), "std": list(ip.std)}
+
+
 def _base(llm: nn.Module) -> nn.Module:
     return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
@@ -254,7 +264,7 @@ def _checkpoint_activations(part: nn.Module) -> None:
         part.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _finish(model: SliMEForCausalLM, spec: dict[str, Any], add_lora: bool) -> SliMEForCausalLM:
+def _finish(model, spec: dict[str, Any], add_lora: bool):
     # cast before wrapping: peft keeps new LoRA weights in float32 under a half-precision base
     model.to(DTYPES[spec["dtype"]])
     if add_lora:
@@ -271,7 +281,7 @@ def _finish(model: SliMEForCausalLM, spec: dict[str, Any], add_lora: bool) -> Sl
         for part in (_base(model.llm), model.vision):
             if getattr(part, "supports_gradient_checkpointing", False):
                 _checkpoint_activations(part)
-    model.build_config = spec
+    model.config.recipe_config = spec
     return model.train()
 
 
@@ -284,8 +294,8 @@ def _flatten(d: Any, prefix: str) -> dict[str, Any]:
     return {prefix: d}
 
 
-def _differences(spec: dict[str, Any], saved: dict[str, Any], saved_lora: bool) -> list[str]:
-    skip = set(FREE_KEYS) | (set() if saved_lora else {"lora"})
+def _differences(spec: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    skip = set(FREE_KEYS)
     a = _flatten({k: v for k, v in spec.items() if k not in skip}, TOP)
     b = _flatten({k: v for k, v in saved.items() if k not in skip}, TOP)
     return [f"{k}: saved {b.get(k, '<absent>')!r}, cfg {a.get(k, '<absent>')!r}"
@@ -322,9 +332,17 @@ def build_model(cfg: Mapping[str, Any]) -> Built:
         adapter = SliMEVisualAdapter.from_config(adapter_config, dtype=dtype)
     except ValueError as exc:
         raise ValueError(f"{TOP}.adapter: {exc}") from exc
-    model = SliMEForCausalLM(vision=vision, adapter=adapter, llm=llm, image_token_id=image_id,
-                             feature_layer=spec["feature_layer"], drop_cls=spec["drop_cls"],
-                             separator_token_id=sep_id)
+    from slime_adapters.hf import SliMEConfig, SliMEForConditionalGeneration
+
+    try:
+        config = SliMEConfig(vision_config=vision.config, text_config=llm.config,
+                             adapter_config=spec["adapter"], image_token_id=image_id,
+                             separator_token_id=sep_id, feature_layer=spec["feature_layer"],
+                             drop_cls=spec["drop_cls"], slicer_config=_normalisation(spec, vision),
+                             tie_word_embeddings=bool(llm.config.tie_word_embeddings))
+    except ValueError as exc:
+        raise ValueError(f"{TOP}: {exc}") from exc
+    model = SliMEForConditionalGeneration(config, vision=vision, llm=llm, adapter=adapter)
     model = _finish(model, spec, add_lora=spec["lora"] is not None)
     return Built(model, tokenizer, roles_of(model), spec)
 
@@ -332,25 +350,28 @@ def build_model(cfg: Mapping[str, Any]) -> Built:
 def _build_from_saved(spec: dict[str, Any]) -> Built:
     where = f"{TOP}.init_from"
     folder = existing_folder(spec["init_from"], where)
-    meta = read_slime_json(folder)
-    if meta["config"] is None:
+    try:
+        model, processor = load_model_folder(folder)
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from exc
+    saved = model.config.recipe_config
+    if saved is None:
         raise ValueError(f"{where}: {folder!r} was saved without a build config (a model not made "
-                         "by build_model); load it with SliMEForCausalLM.from_pretrained")
-    model, tokenizer = SliMEForCausalLM.from_pretrained(folder, lora_trainable=True)
-    if tokenizer is None:
-        tokenizer = _load_tokenizer(spec)
+                         "by build_model); load it with "
+                         "SliMEForConditionalGeneration.from_pretrained")
+    tokenizer = processor.tokenizer if processor is not None else _load_tokenizer(spec)
     image_id, sep_id = _add_tokens(tokenizer, spec)
     _fill_llm_config(spec, tokenizer)
     _normalise(spec, model.vision, model.llm)
-    diff = _differences(spec, meta["config"], meta["lora"])
+    diff = _differences(spec, saved)
     if diff:
         raise ValueError(f"{where}: the cfg differs from the one {folder!r} was built from: "
                          + "; ".join(diff))
-    if (image_id, sep_id) != (model.image_token_id, model.separator_token_id):
+    ids = (model.config.image_token_id, model.config.separator_token_id)
+    if (image_id, sep_id) != ids:
         raise ValueError(f"{where}: the tokenizer gives image/separator ids {(image_id, sep_id)} "
-                         f"but {folder!r} was saved with "
-                         f"{(model.image_token_id, model.separator_token_id)}")
-    model = _finish(model, spec, add_lora=spec["lora"] is not None and not meta["lora"])
+                         f"but {folder!r} was saved with {ids}")
+    model = _finish(model, spec, add_lora=spec["lora"] is not None)
     return Built(model, tokenizer, roles_of(model), spec)
 
 
@@ -358,7 +379,7 @@ def _is_lora_name(name: str) -> bool:
     return any(part.startswith("lora_") for part in name.split("."))
 
 
-def roles_of(model: SliMEForCausalLM) -> dict[str, RoleSpec | nn.Module]:
+def roles_of(model) -> dict[str, RoleSpec | nn.Module]:
     """Scheduler roles of a SliME model (see the module docstring).
 
     Returns:

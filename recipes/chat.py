@@ -6,12 +6,12 @@
         [--max-new-tokens N] [--template NAME] [--router-gamma G] [--device cpu] [--verbose]
 
 prints the answer on stdout (``--verbose`` adds, on stderr, the visual-token count and the share of
-local tokens the router kept). ``DIR`` is a folder written by
-:meth:`recipes.model.SliMEForCausalLM.save_pretrained` (a training run's ``final/``). The chat
-template is ``--template``, else the one saved with the model (``extra.template``), else ``plain``;
-the slicer is built from the saved ``extra.slicer`` keywords, its tile size defaulting to the
-encoder's image size. A missing model folder, a missing or unreadable image or an unknown template
-prints one line on stderr and exits with status 2.
+local tokens the router kept). ``DIR`` is a saved model folder (a training run's ``final/``,
+written by :func:`recipes.model_folder.save_model_folder`: a standard Hugging Face folder). The chat
+template is ``--template``, else the one saved with the model's processor, else ``qa``; the slicer
+is the saved one (``config.slicer_config``), its tile size the encoder's image size. A missing or damaged model folder (any file it must hold missing, truncated or
+invalid), a missing or unreadable image or an unknown template prints one line on stderr and exits
+with status 2.
 
 For programmatic use: :func:`answer` returns the answer as a string, :func:`respond` returns it
 with the token ids and the visual-token counts.
@@ -30,10 +30,9 @@ from typing import Any
 
 import torch
 
-from recipes.model import SliMEForCausalLM
-from recipes.model_folder import read_slime_json
+from recipes.model_folder import load_model_folder
 from recipes.templates import IMAGE_TOKEN, ChatTemplate, get_template
-from slime_adapters.slicing import AdaptiveSlicer, SlicedImage, collate
+from slime_adapters import AdaptiveSlicer, SlicedImage, SlicerConfig, collate
 
 __all__ = ["ChatAnswer", "answer", "generation_inputs", "load_chat_model", "main", "respond",
            "slicer_for"]
@@ -58,9 +57,9 @@ class ChatAnswer:
         return self.local_kept / self.local_offered
 
 
-def slicer_for(model: SliMEForCausalLM, saved: Mapping[str, Any] | None = None) -> AdaptiveSlicer:
-    """The slicer of a saved model: ``AdaptiveSlicer(**saved)``, the tile size defaulting to the
-    vision encoder's image size.
+def slicer_for(model, saved: Mapping[str, Any] | None = None) -> AdaptiveSlicer:
+    """The slicer of a model: its config's ``slicer_config`` (the encoder's tile size, mean and
+    std) with the keywords of ``saved`` (e.g. a training configuration's ``data.slicer``) over it.
 
     Raises:
         ValueError: ``saved`` is not a mapping, or holds keywords the slicer refuses.
@@ -68,12 +67,13 @@ def slicer_for(model: SliMEForCausalLM, saved: Mapping[str, Any] | None = None) 
     if saved is not None and not isinstance(saved, Mapping):
         raise ValueError(f"the saved slicer must be a dict of AdaptiveSlicer keywords, got "
                          f"{type(saved).__name__}")
-    kwargs = dict(saved or {})
-    size = getattr(getattr(model.vision, "config", None), "image_size", None)
-    if size is not None:
-        kwargs.setdefault("tile_size", int(size))
+    kwargs = {**(getattr(model.config, "slicer_config", None) or {}), **(saved or {})}
+    unknown = sorted(set(kwargs) - set(SlicerConfig.__dataclass_fields__) - {"kind"})
+    if unknown:
+        raise ValueError(f"the saved slicer keywords {sorted(kwargs)} do not fit AdaptiveSlicer: "
+                         f"unknown {unknown}")
     try:
-        return AdaptiveSlicer(**kwargs)
+        return AdaptiveSlicer.from_config(SlicerConfig.from_dict(kwargs))
     except TypeError as exc:  # an unknown keyword
         raise ValueError(f"the saved slicer keywords {sorted(kwargs)} do not fit AdaptiveSlicer: "
                          f"{exc}") from exc
@@ -85,7 +85,7 @@ def _conversation(question: str) -> list[dict[str, str]]:
 
 
 @torch.no_grad()
-def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
+def respond(model, tokenizer, image: Any, question: str, *,
             template: str | ChatTemplate = "qa", slicer: AdaptiveSlicer | None = None,
             max_new_tokens: int = 32, router_gamma: float | None = None,
             views: str | None = None, force_expert: int | None = None) -> ChatAnswer:
@@ -123,17 +123,16 @@ def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
     sliced = image if isinstance(image, SlicedImage) else (slicer or slicer_for(model))(image)
     model.eval()
     images = collate([sliced])
-    visual = model.visual_tokens(images, question_ids=question_ids, question_mask=question_mask,
-                                 router_gamma=router_gamma, views=views, force_expert=force_expert)
+    visual = model.get_visual_tokens(images=images, question_ids=question_ids,
+                                     question_mask=question_mask, router_gamma=router_gamma,
+                                     views=views, force_expert=force_expert)
     _check_length(model, ids[0].tolist(), int(visual.lengths[0]), max_new_tokens)
     stops = template.stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    new = model.generate(images=images, input_ids=ids, attention_mask=torch.ones_like(ids),
-                         question_ids=question_ids, question_mask=question_mask,
-                         router_gamma=router_gamma, views=views, max_new_tokens=max_new_tokens,
-                         visual=visual,
+    new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         visual_tokens=visual, max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=stops, pad_token_id=pad)
-    generated = new[0].tolist()
+    generated = new[0, ids.shape[1]:].tolist()
     cut = next((i for i, t in enumerate(generated) if t in stops), len(generated))
     kept = generated[:cut]
     aux = visual.aux
@@ -144,10 +143,10 @@ def respond(model: SliMEForCausalLM, tokenizer, image: Any, question: str, *,
         local_kept=None if aux.num_kept is None else int(aux.num_kept[0]))
 
 
-def _check_length(model: SliMEForCausalLM, ids: list[int], visual: int, new: int) -> None:
+def _check_length(model, ids: list[int], visual: int, new: int) -> None:
     """Refuse a prompt whose text, visual tokens and answer exceed the LLM's positions."""
     limit = getattr(getattr(model.llm, "config", None), "max_position_embeddings", None)
-    text = sum(t != model.image_token_id for t in ids)
+    text = sum(t != model.config.image_token_id for t in ids)
     if isinstance(limit, int) and text + visual + new > limit:
         raise ValueError(f"the prompt needs {text} text + {visual} visual tokens + "
                          f"{new} new tokens = {text + visual + new}, more than the LLM's {limit} "
@@ -171,19 +170,19 @@ def generation_inputs(template: ChatTemplate, tokenizer, conversation: Sequence[
             torch.tensor([[bool(enc.question_ids)] * len(q)]))
 
 
-def answer(model: SliMEForCausalLM, tokenizer, image: Any, question: str, **kwargs) -> str:
+def answer(model, tokenizer, image: Any, question: str, **kwargs) -> str:
     """:func:`respond`'s answer text (same arguments and errors)."""
     return respond(model, tokenizer, image, question, **kwargs).text
 
 
-def image_token_of(model: SliMEForCausalLM, tokenizer) -> str:
-    """The token string of the model's image placeholder (``model.image_token`` when built)."""
-    return tokenizer.convert_ids_to_tokens(model.image_token_id)
+def image_token_of(model, tokenizer) -> str:
+    """The token string of the model's image placeholder (``config.image_token_id``)."""
+    return tokenizer.convert_ids_to_tokens(model.config.image_token_id)
 
 
 def stage_settings(extra: Mapping[str, Any]) -> dict[str, Any]:
     """``views``, ``router_gamma`` and ``force_expert`` of the stage a saved model was trained in
-    (``extra["stage"]`` as ``recipes/train.py`` writes it; ``None`` for what it left unset)."""
+    (``extra["stage"]``, from the config's ``training_stage``; ``None`` for what it left unset)."""
     stage = extra.get("stage") if isinstance(extra, Mapping) else None
     stage = stage if isinstance(stage, Mapping) else {}
     return {k: stage.get(k) for k in ("views", "router_gamma", "force_expert")}
@@ -193,24 +192,27 @@ def load_chat_model(directory: str | Path, *, device: str | torch.device = "cpu"
     """Load a saved model for chatting.
 
     Returns:
-        ``(model, tokenizer, extra)``: the model in eval mode on ``device``, its tokenizer and the
-        ``extra`` dict saved with it.
+        ``(model, tokenizer, extra)``: the model in eval mode on ``device``, its tokenizer and
+        what the folder says about its training: ``template`` (the processor's chat format),
+        ``slicer`` (the slicer keywords) and ``stage`` (the training stage, or None).
 
     Raises:
-        FileNotFoundError: the folder or a part of it is missing.
-        ValueError: an invalid ``slime.json``, or a model saved without its tokenizer.
+        FileNotFoundError: the folder or a file it must hold is missing.
+        ValueError: a damaged file (named), or a model saved without its processor.
     """
-    meta = read_slime_json(directory)
-    model, tokenizer = SliMEForCausalLM.from_pretrained(directory)
-    if tokenizer is None:
-        raise ValueError(f"{str(directory)!r} was saved without a tokenizer; chat needs one")
-    return model.to(device).eval(), tokenizer, meta["extra"]
+    model, processor = load_model_folder(directory)
+    if processor is None:
+        raise ValueError(f"{str(directory)!r} was saved without a processor (tokenizer); chat "
+                         "needs one")
+    extra = {"template": processor.template, "slicer": model.config.slicer_config,
+             "stage": model.config.training_stage}
+    return model.to(device).eval(), processor.tokenizer, extra
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recipes.chat",
+    parser = argparse.ArgumentParser(prog="slime-chat",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a folder written by save_pretrained")
+    parser.add_argument("--model", required=True, help="a saved model folder (training's final/)")
     parser.add_argument("--image", required=True, help="the image file")
     parser.add_argument("--question", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -240,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         template = get_template(args.template or extra.get("template") or "qa")
         template.encode(tokenizer, _conversation(args.question), for_generation=True,
                         image_token=image_token_of(model, tokenizer))
+        template.stop_token_ids(tokenizer)  # a template whose stop text the tokenizer lacks
         sliced = slicer_for(model, extra.get("slicer"))(args.image)
     except (FileNotFoundError, ValueError) as exc:  # SlicingError and TemplateError included
         return fail(str(exc))

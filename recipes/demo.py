@@ -34,50 +34,38 @@ from pathlib import Path
 
 import torch
 
+from recipes.build import build_model as build_from_dict
+from recipes.build import roles_of
 from recipes.data import LlavaJsonDataset, build_word_tokenizer, collate_examples, make_color_dataset
-from recipes.model import SliMEForCausalLM
-from slime_adapters import (
-    AdaptiveSlicer,
-    AlternatingScheduler,
-    CosineTokenRouterConfig,
-    NoisyMoEProjectorConfig,
-    QueryCompressorConfig,
-    SliMEVisualAdapter,
-    SliMEVisualAdapterConfig,
-    paper_stages,
-    save_module,
-)
+from slime_adapters import AdaptiveSlicer, AlternatingScheduler, paper_stages, save_module
 from slime_adapters.config import atomic_write_text
+
+__all__ = ["build_model", "evaluate", "main", "roles_of"]
 
 VISION_DIM, LLM_DIM, PATCH, TILE = 64, 128, 42, 336  # 8 x 8 = 64 tokens per view
 
 
 def build_model(tokenizer, *, num_queries: int = 16, gamma: float = 0.8,
-                temperature: float = 0.05) -> SliMEForCausalLM:
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
-    vision = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=VISION_DIM, intermediate_size=2 * VISION_DIM, num_hidden_layers=2,
-        num_attention_heads=4, image_size=TILE, patch_size=PATCH))
-    llm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=LLM_DIM, intermediate_size=2 * LLM_DIM,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    tokens_per_view = (TILE // PATCH) ** 2
-    adapter = SliMEVisualAdapter.from_config(SliMEVisualAdapterConfig(
-        projector=NoisyMoEProjectorConfig(in_dim=VISION_DIM, out_dim=LLM_DIM,
-                                          num_tokens=tokens_per_view, num_heads=2),
-        compressor=QueryCompressorConfig(dim=VISION_DIM, num_queries=num_queries, num_heads=2),
-        router=CosineTokenRouterConfig(gamma=gamma, temperature=temperature),
-    ))
-    return SliMEForCausalLM(vision=vision, adapter=adapter, llm=llm,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-
-
-def roles_of(model: SliMEForCausalLM) -> dict[str, object]:
-    """Scheduler roles: the adapter's own (``adapter.roles()``), the LLM, the encoder."""
-    return {**model.adapter.roles(), "llm": model.llm, "vision": model.vision}
+                temperature: float = 0.05):
+    """The demo's tiny model through :func:`recipes.build.build_model` (the ``model:`` dict of
+    ``recipes/configs/tiny``); ``tokenizer`` must be :func:`build_word_tokenizer`'s."""
+    model = build_from_dict({
+        "vision": {"type": "clip", "config": {
+            "hidden_size": VISION_DIM, "intermediate_size": 2 * VISION_DIM,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": TILE,
+            "patch_size": PATCH}},
+        "llm": {"type": "llama", "config": {
+            "vocab_size": len(tokenizer), "hidden_size": LLM_DIM,
+            "intermediate_size": 2 * LLM_DIM, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 512}},
+        "tokenizer": {"type": "word"},
+        "adapter": {"projector": {"num_heads": 2},
+                    "compressor": {"num_queries": num_queries, "num_heads": 2},
+                    "router": {"gamma": gamma, "temperature": temperature}},
+    }).model
+    if model.config.image_token_id != tokenizer.convert_tokens_to_ids("<image>"):
+        raise ValueError("build_model: the tokenizer is not the demo's word tokenizer")
+    return model
 
 
 def _batches(dataset, batch_size: int, pad_id: int, seed: int):
@@ -101,11 +89,12 @@ def evaluate(model, dataset, tokenizer, *, views: str, batch_size: int) -> dict[
         ids = batch["input_ids"].clone()
         mask = torch.arange(ids.shape[1])[None] < prompt_len[:, None]
         ids[~mask] = tokenizer.pad_token_id
-        visual = model.visual_tokens(batch["images"], question_ids=batch["question_ids"],
-                                     question_mask=batch["question_mask"], views=views)
-        new = model.generate(images=batch["images"], input_ids=ids, attention_mask=mask.long(),
-                             max_new_tokens=1, visual=visual)  # the encoder ran once, above
-        answers = tokenizer.convert_ids_to_tokens(new[:, 0].tolist())
+        visual = model.get_visual_tokens(images=batch["images"],
+                                         question_ids=batch["question_ids"],
+                                         question_mask=batch["question_mask"], views=views)
+        new = model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=1,
+                             do_sample=False, visual_tokens=visual)  # the encoder ran once
+        answers = tokenizer.convert_ids_to_tokens(new[:, ids.shape[1]].tolist())
         correct += sum(a == b for a, b in zip(answers, batch["answers"]))
         total += len(examples)
         tokens += visual.lengths.tolist()

@@ -20,7 +20,8 @@ Output folder (``training.output_dir``)::
     log.jsonl                one line per logged step (loss, lr, seconds)
     checkpoints/step-N/      resumable state (weights being trained, optimizer, RNG, step)
     checkpoints/latest       the newest complete checkpoint's name
-    final/                   the trained model (SliMEForCausalLM.save_pretrained); under ZeRO-3
+    final/                   the trained model, a standard Hugging Face folder
+                             (recipes.model_folder.save_model_folder); under ZeRO-3
                              with bf16 it holds DeepSpeed's 16-bit gathered weights, not the fp32
                              master copy, and the next stage starts from those
     report.json              steps, first and last loss, time
@@ -223,7 +224,7 @@ def _train(cfg: dict[str, Any], args: argparse.Namespace, dist: Distributed) -> 
     from recipes.build import build_model
     from recipes.chat import image_token_of, slicer_for
     from recipes.data import LlavaJsonDataset
-    from recipes.model import NonFiniteFeaturesError
+    from slime_adapters.hf.modeling_slime import NonFiniteFeaturesError
     from slime_adapters import AlternatingScheduler
 
     t = cfg["training"]

@@ -207,8 +207,10 @@ class _Engine:
     def save_final(self, directory: Path, tokenizer, *, extra: dict[str, Any]) -> None:
         state = self._full_state_dict()  # a collective under ZeRO-3: every rank calls it
         if self.dist.rank == 0:
-            self.model.save_pretrained(directory, tokenizer=tokenizer, extra=extra,
-                                       state_dict=state)
+            from recipes.model_folder import save_model_folder
+
+            save_model_folder(self.model, directory, tokenizer=tokenizer, extra=extra,
+                              state_dict=state)
         self.dist.barrier()
 
     def _full_state_dict(self):

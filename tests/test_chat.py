@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from recipes.build import build_model  # noqa: E402
+from recipes.model_folder import save_model_folder  # noqa: E402
 from recipes.chat import answer, load_chat_model, main, respond, slicer_for  # noqa: E402
 from recipes.data import make_color_dataset  # noqa: E402
 from recipes.templates import TemplateError, get_template  # noqa: E402
@@ -40,8 +41,8 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     torch.manual_seed(0)
     built = build_model(TINY)
-    built.model.save_pretrained(root / "model", tokenizer=built.tokenizer,
-                                extra={"template": "qa", "slicer": {"max_tiles": 4}})
+    save_model_folder(built.model, root / "model", tokenizer=built.tokenizer,
+                      extra={"template": "qa", "slicer": {"max_tiles": 4}})
     make_color_dataset(root / "data", 1, seed=2)
     return root / "model", root / "data" / "img_00000.png"
 
@@ -75,7 +76,8 @@ def greedy_by_forward(model, tokenizer, image, template, steps):
 
 def test_answer_is_the_greedy_decode_of_the_model(saved, loaded):
     model, tokenizer, extra = loaded
-    assert extra == {"template": "qa", "slicer": {"max_tiles": 4}}
+    assert extra["template"] == "qa" and extra["stage"] is None
+    assert extra["slicer"]["max_tiles"] == 4 and extra["slicer"]["tile_size"] == 336
     slicer = slicer_for(model, extra["slicer"])
     assert slicer.config.tile_size == 336 and slicer.config.max_tiles == 4
     template = get_template("qa")
@@ -143,7 +145,7 @@ def test_command_errors_exit_2_with_one_line(saved, tmp_path, capsys):
         (["--model", model, "--image", str(tmp_path / "none.png")], "image .*none.png' does not"),
         (["--model", model, "--image", str(junk)], "junk.png"),
         (["--model", model, "--image", image, "--template", "nope"], "unknown chat template"),
-        (["--model", str(tmp_path / "empty"), "--image", image], "slime.json' does not exist"),
+        (["--model", str(tmp_path / "empty"), "--image", image], "config.json' does not exist"),
         (["--model", model, "--image", image, "--question", "<image> twice <image>"],
          "turn 0 must hold '<image>' exactly once, found 2"),
     ]
@@ -181,7 +183,8 @@ def test_command_uses_the_saved_stage_views_and_router_gamma(saved, loaded, tmp_
              "global view only"),
             ("b", {"name": "III", "views": "both", "router_gamma": 1.0, "force_expert": None},
              r"router kept (\d+) of \1 local tokens")):
-        model.save_pretrained(tmp_path / name, tokenizer=tokenizer, extra={**extra, "stage": stage})
+        save_model_folder(model, tmp_path / name, tokenizer=tokenizer,
+                          extra={**extra, "stage": stage})
         assert stage_settings({"stage": stage}) == {
             k: stage[k] for k in ("views", "router_gamma", "force_expert")}
         assert main(["--model", str(tmp_path / name), *args]) == 0

@@ -84,29 +84,29 @@ def _plant_everywhere(folder: Path, load, marker: Path, *, extra_names=()) -> li
 def _tiny_model(root: Path):
     from tests.test_chat import TINY
     from recipes.build import build_model
+    from recipes.model_folder import save_model_folder
 
     torch.manual_seed(0)
     built = build_model({**TINY, "lora": {"r": 2, "alpha": 4, "dropout": 0.0}})
-    built.model.save_pretrained(root / "model", tokenizer=built.tokenizer,
-                                extra={"template": "qa"})
+    save_model_folder(built.model, root / "model", tokenizer=built.tokenizer,
+                      extra={"template": "qa"})
     return root / "model"
 
 
 def test_no_file_of_a_model_folder_runs_code(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from recipes.model import SliMEForCausalLM
+    from recipes.model_folder import load_model_folder
 
     folder = _tiny_model(tmp_path)
     marker = tmp_path / "ran"
-    tried = _plant_everywhere(folder, SliMEForCausalLM.from_pretrained, marker, extra_names=[
-        ("vision/pytorch_model.bin", "vision/model.safetensors"),
-        ("llm/pytorch_model.bin", "llm/model.safetensors"),
-        ("llm_lora/adapter_model.bin", "llm_lora/adapter_model.safetensors"),
+    tried = _plant_everywhere(folder, load_model_folder, marker, extra_names=[
+        ("pytorch_model.bin", "model.safetensors"),
+        ("model.bin", "model.safetensors"),
     ])
-    assert {"slime.json", "adapter/model.safetensors", "adapter/config.json",
-            "llm_lora/adapter_model.safetensors", "tokenizer/tokenizer.json"} <= set(tried)
-    assert len(tried) >= 12
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+            "pytorch_model.bin"} <= set(tried)
+    assert len(tried) >= 8
 
 
 def _adapter():
@@ -284,8 +284,8 @@ def test_the_model_refuses_non_finite_vision_features_naming_the_image(tmp_path)
     pytest.importorskip("transformers")
     from tests.test_chat import TINY
     from recipes.build import build_model
-    from recipes.model import NonFiniteFeaturesError
     from slime_adapters import collate
+    from slime_adapters.hf import NonFiniteFeaturesError
 
     torch.manual_seed(0)
     model = build_model(TINY).model.eval()
@@ -294,14 +294,16 @@ def test_the_model_refuses_non_finite_vision_features_naming_the_image(tmp_path)
     batch = collate(imgs)
     batch.tiles[2 + 1] = float("nan")  # a tile of image 1 (each image has 2 tiles)
     with pytest.raises(NonFiniteFeaturesError, match=r"image\(s\) \[1\] of the batch") as info:
-        model.visual_tokens(batch, views="both", router_gamma=1.0)
+        model.get_visual_tokens(images=batch, views="both", router_gamma=1.0)
     assert info.value.images == [1]
     batch = collate(imgs)
     batch.global_views[2, 0, 0, 0] = float("inf")
-    with pytest.raises(NonFiniteFeaturesError, match=r"\[2\]"):
-        model.visual_tokens(batch, views="global")
-    assert model.visual_tokens(collate(imgs), views="both",
-                               router_gamma=1.0).lengths.shape == (3,)
+    batch.tiles[0] = float("nan")  # image 0's first tile too: both images are named
+    with pytest.raises(NonFiniteFeaturesError, match=r"\[0, 2\]") as info:
+        model.get_visual_tokens(images=batch, views="both", router_gamma=1.0)
+    assert info.value.images == [0, 2]
+    assert model.get_visual_tokens(images=collate(imgs), views="both",
+                                   router_gamma=1.0).lengths.shape == (3,)
 
 
 # ---- D8 / D9: orientation and modes ------------------------------------------------------------

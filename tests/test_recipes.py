@@ -86,7 +86,8 @@ def test_full_model_forward_backward_and_generate(dataset, tokenizer):
                 question_ids=batch["question_ids"], question_mask=batch["question_mask"])
     assert torch.isfinite(out.loss)
     # the spliced sequence is the text plus every image's visual tokens (one placeholder each)
-    assert out.spliced.inputs_embeds.shape[1] >= int(out.visual.lengths.max())
+    assert out.logits.shape[1] == out.attention_mask.shape[1] == (
+        batch["input_ids"].shape[1] + int(out.visual_lengths.max()) - 1)
     out.loss.backward()
     assert model.adapter.compressor.query.grad is not None
     assert model.llm.get_input_embeddings().weight.grad is not None
@@ -94,8 +95,9 @@ def test_full_model_forward_backward_and_generate(dataset, tokenizer):
     keep = batch["labels"] == -100
     new = model.generate(images=batch["images"], input_ids=torch.where(keep, prompt, 0),
                          attention_mask=keep.long(), question_ids=batch["question_ids"],
-                         question_mask=batch["question_mask"], max_new_tokens=2)
-    assert new.shape == (2, 2)
+                         question_mask=batch["question_mask"], max_new_tokens=2,
+                         min_new_tokens=2)
+    assert new.shape == (2, prompt.shape[1] + 2)  # the prompt as given, then the new tokens
 
 
 def test_roles_cover_the_model_without_overlap_in_vision(tokenizer):
@@ -122,22 +124,25 @@ def test_demo_runs_end_to_end(tmp_path):
 def test_embedding_separator_uses_the_llm_embedding(dataset, tokenizer):
     import dataclasses
 
-    from recipes.model import SliMEForCausalLM
     from slime_adapters import SliMEVisualAdapter
+    from slime_adapters.hf import SliMEConfig, SliMEForConditionalGeneration
 
     base = build_model(tokenizer)
     cfg = dataclasses.replace(base.adapter.config, separator="embedding")
     adapter = SliMEVisualAdapter.from_config(cfg)
     comma = tokenizer.convert_tokens_to_ids("?")
-    with pytest.raises(ValueError, match="pass separator_token_id"):
-        SliMEForCausalLM(vision=base.vision, adapter=adapter, llm=base.llm,
-                         image_token_id=base.image_token_id)
-    model = SliMEForCausalLM(vision=base.vision, adapter=adapter, llm=base.llm,
-                             image_token_id=base.image_token_id, separator_token_id=comma).eval()
+    conf = base.config.to_dict()
+    conf["adapter_config"] = {**conf["adapter_config"], "separator": "embedding"}
+    with pytest.raises(ValueError, match="separator_token_id is required"):
+        SliMEConfig.from_dict(conf)
+    model = SliMEForConditionalGeneration(
+        SliMEConfig.from_dict({**conf, "separator_token_id": comma}), vision=base.vision,
+        adapter=adapter, llm=base.llm).eval()
     batch = collate_examples([dataset[0]], tokenizer.pad_token_id)
     with torch.no_grad():
-        visual = model.visual_tokens(batch["images"], question_ids=batch["question_ids"],
-                                     question_mask=batch["question_mask"])
+        visual = model.get_visual_tokens(images=batch["images"],
+                                         question_ids=batch["question_ids"],
+                                         question_mask=batch["question_mask"])
     n_global = visual.num_global
     torch.testing.assert_close(visual.packed[n_global],
                                base.llm.get_input_embeddings().weight[comma])

@@ -97,6 +97,7 @@ def test_readme_staged_training_example_trains_the_separator_in_the_right_stages
     """The README's staged-training block, run as written, with an AdamW stand-in that records
     which parameters each stage hands to the optimizer."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = readme.split("## Staged training", 1)[1].split("\n## ", 1)[0]
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
               if "AlternatingScheduler(" in b]
     assert len(blocks) == 1

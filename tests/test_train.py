@@ -41,9 +41,9 @@ def _sets(tmp_path: Path, stage_out: str, **extra: str) -> list[str]:
 def _model_state(folder: Path) -> dict[str, torch.Tensor]:
     """The state dict of the model a saved folder loads as (file key names may differ: a ZeRO-3
     save writes the encoder in transformers' checkpoint naming)."""
-    from recipes.model import SliMEForCausalLM
+    from recipes.model_folder import load_model_folder
 
-    model, _ = SliMEForCausalLM.from_pretrained(folder)
+    model, _ = load_model_folder(folder)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -51,10 +51,15 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     out = {}
-    for f in sorted(folder.rglob("*.safetensors")):
-        for k, v in load_file(f).items():
-            out[f"{f.parent.name}/{k}"] = v
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
     return out
+
+
+def _saved(folder: Path) -> tuple[dict, dict]:
+    """``config.json`` and ``processor_config.json`` of a saved model folder."""
+    return tuple(json.loads((folder / name).read_text())
+                 for name in ("config.json", "processor_config.json"))
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +81,9 @@ def test_stage1_trains_the_projector_on_global_views(stage1):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "latest", "step-0000002", "step-0000004"]
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp*"))
-    saved = json.loads((out / "final" / "slime.json").read_text())
-    assert saved["extra"]["template"] == "qa" and saved["extra"]["stage"]["name"] == "I"
+    config, processor = _saved(out / "final")
+    assert processor["template"] == "qa" and config["training_stage"]["name"] == "I"
+    assert config["training_stage"]["preset"] == "paper"
 
 
 def test_stage2_starts_from_stage1_and_trains_only_the_local_path(stage1):
@@ -88,7 +94,7 @@ def test_stage2_starts_from_stage1_and_trains_only_the_local_path(stage1):
     before, after = _weights(tmp / "s1" / "final"), _weights(tmp / "s2" / "final")
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("adapter/") for k in changed)
+    assert changed and all(k.startswith("adapter.") for k in changed)
     assert all("compressor" in k or "local_mlp" in k or "separator" in k for k in changed), changed
     projector = [k for k in before if "projector" in k]
     assert projector and not changed & set(projector)
@@ -244,10 +250,11 @@ def test_stage3_with_lora_trains_the_adapters_and_lora_not_the_base_llm(stage1, 
         "--set", f"training.output_dir={out}"])
     assert "llm_lora" in report["trainable"] and "llm" not in report["trainable"]
     before, after = _weights(tmp / "s1" / "final"), _weights(out / "final")
-    base = [k for k in before if k.startswith("llm/")]
-    assert base and all(torch.equal(before[k], after[k]) for k in base)
-    lora = [k for k in after if k.startswith("llm_lora/")]
-    assert lora and any("lora_B" in k and after[k].abs().max() > 0 for k in lora)
+    # the folder holds the LLM with the trained LoRA merged in: only LoRA's targets moved
+    assert before.keys() == after.keys() and not any("lora" in k for k in after)
+    llm = [k for k in before if k.startswith("llm.")]
+    moved = {k for k in llm if not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved), moved
     assert any(not torch.equal(before[k], after[k]) for k in before if "compressor" in k)
 
 
@@ -284,8 +291,8 @@ def test_tiles_follow_the_encoder_image_size(stage1, tmp_path):
                           "model.vision.config.patch_size": "28", "training.max_steps": "1"}),
         "--set", f"training.output_dir={tmp_path / 'o'}"])
     assert report["steps"] == 1
-    assert json.loads((tmp_path / "o" / "final" / "slime.json").read_text())["extra"]["slicer"] \
-        == {"max_tiles": 6}
+    slicer = _saved(tmp_path / "o" / "final")[0]["slicer_config"]
+    assert slicer["max_tiles"] == 6 and slicer["tile_size"] == 224
 
 
 def test_a_configured_image_token_reaches_the_prompts(stage1, tmp_path):
@@ -295,10 +302,11 @@ def test_a_configured_image_token_reaches_the_prompts(stage1, tmp_path):
         tmp, "unused", **{"model.image_token": "<img>", "training.max_steps": "1"}),
         "--set", f"training.output_dir={tmp_path / 'o'}"])
     assert report["steps"] == 1
-    from recipes.model import SliMEForCausalLM
+    from recipes.model_folder import load_model_folder
 
-    model, tok = SliMEForCausalLM.from_pretrained(tmp_path / "o" / "final")
-    assert tok.convert_ids_to_tokens(model.image_token_id) == "<img>"
+    model, processor = load_model_folder(tmp_path / "o" / "final")
+    assert processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id) == "<img>"
+    assert processor.image_token == "<img>"
 
 
 def test_a_torn_log_row_does_not_stop_a_resume(tmp_path):
@@ -335,6 +343,6 @@ def test_other_presets_run_their_stages(stage1, tmp_path, preset, name, trains, 
         tmp, "unused", **{"stage.preset": preset, "stage.name": name, "training.max_steps": "1"}),
         "--set", f"training.output_dir={tmp_path / 'o'}"])
     assert (report["stage"], report["trainable"], report["views"]) == (name, trains, views)
-    saved = json.loads((tmp_path / "o" / "final" / "slime.json").read_text())["extra"]["stage"]
+    saved = _saved(tmp_path / "o" / "final")[0]["training_stage"]
     assert saved["force_expert"] == (0 if name == "1a" else None)
     assert saved["router_gamma"] == (1.0 if name == "1c" else None)

@@ -1,32 +1,9 @@
 """The released SliME weights' layout (github yfzhang114/SliME): names, files and readers.
 
-Used by :mod:`slime_adapters.checkpoint.released` (the importer and exporter).
-
-Legend and released layout (``v`` vision width, ``l`` LLM width, ``n`` projector queries (576),
-``m`` compressor queries (144); names under ``model.mm_projector.`` and
-``model.sampler.post_qformer.``)::
-
-    mm_projector.w_gate, w_noise              (v, 2)      -> projector.w_gate, w_noise
-    mm_projector.mean, std                    (1,)        -> projector.mean, std (buffers)
-    mm_projector.projection.{0,2}.*           (l, v), (l, l) and (l,)  -> projector.mlp.{0,2}.*
-    mm_projector.attn.<resampler>             the query expert          -> projector.query_expert.*
-    sampler.post_qformer.<resampler>          the tile compressor       -> compressor.*
-
-    <resampler>: query, pos_embed (q, v); ln_q, ln_kv, ln_post .{weight,bias} (v,);
-                 attn.in_proj_weight (3v, v), attn.in_proj_bias (3v,)  -> {q,k,v}_proj (rows split
-                 in that order, as nn.MultiheadAttention packs them);
-                 attn.out_proj.{weight,bias}                           -> out_proj.*;
-                 kv_proj.weight, proj.{weight,bias}: nn.Linear in the released code (never a raw
-                 ``x @ proj`` matrix), so they copy without a transpose; the released models have
-                 neither (kv_dim equals the width, no post projection).
-
-Keys may carry ``model.mm_projector.``, ``mm_projector.`` or no prefix (then the file name or
-``part=`` says which module they belong to). Widths, query counts and the optional
-``kv_proj``/``proj`` come from the shapes; heads cannot, so ``num_heads`` defaults to the released
-rule ``max(1, v // 128)``. The released trainer saves parameters only, so ``mean``/``std`` (which
-take no part in any output) may be absent and then get their released values 0 and 1.
-Torch pickles are opened with ``weights_only=True`` only; a full-model safetensors file is read
-key by key, so only the adapter tensors are ever loaded.
+Used by :mod:`slime_adapters.checkpoint.released` (the importer and exporter), whose docstring
+tables the released names against this library's. Keys may carry ``model.mm_projector.``,
+``mm_projector.`` or no prefix; torch pickles are opened with ``weights_only=True`` only, and a
+full-model safetensors file is read key by key.
 """
 
 from __future__ import annotations
