@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all venv test test-install demo bench clean
+.PHONY: all venv test test-install test-openclip demo bench clean
 
 all: test
 
@@ -34,6 +34,20 @@ test: $(STAMP)
 test-install:
 	PYTHON=$(PYTHON) TORCH="$(TORCH)" bash tests/install_check.sh
 
+# open_clip needs torchvision, which does not import beside the CPU torch of .venv: its own venv
+# with the pair that works here (a CUDA build that runs on the CPU; the default suite skips it)
+OPENCLIP_VENV  := .venv-openclip
+OPENCLIP_STAMP := $(OPENCLIP_VENV)/.slime-installed
+OPENCLIP_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+$(OPENCLIP_STAMP): pyproject.toml
+	test -x $(OPENCLIP_VENV)/bin/python || $(PYTHON) -m venv $(OPENCLIP_VENV)
+	$(OPENCLIP_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(OPENCLIP_TORCH) -e ".[hf,open-clip,test]"
+	touch $(OPENCLIP_STAMP)
+
+test-openclip: $(OPENCLIP_STAMP)
+	$(OPENCLIP_VENV)/bin/python -m pytest -q tests/test_openclip.py
+
 demo: $(STAMP)
 	$(BIN)/python -m recipes.demo
 
@@ -43,4 +57,4 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all --out $(BENCH_OUT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(OPENCLIP_VENV) .pytest_cache .hypothesis
