@@ -45,7 +45,7 @@ def _conversations():
     g = np.random.default_rng(0)
     out = []
     for colour, rgb in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
-        img = np.full((60, 90, 3), rgb, dtype=np.uint8) + g.integers(0, 30, (60, 90, 3),
+        img = np.full((28, 56, 3), rgb, dtype=np.uint8) + g.integers(0, 30, (28, 56, 3),
                                                                      dtype=np.uint8)
         out.append([{"role": "user", "content": [
                         {"type": "image", "image": Image.fromarray(img)},
