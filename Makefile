@@ -50,7 +50,7 @@ $(LMMS_STAMP): pyproject.toml
 
 test-lmms-eval: $(LMMS_STAMP)
 	HF_DATASETS_OFFLINE=1 $(LMMS_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_eval_lmms.py tests/test_eval.py tests/test_eval_metrics.py
+		tests/test_eval_lmms.py tests/test_eval.py tests/test_eval_metrics.py tests/test_eval_task.py
 
 demo: $(STAMP)
 	$(BIN)/python -m recipes.demo

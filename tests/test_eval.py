@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,15 +72,22 @@ def setup(tmp_path_factory):
     return root / "model", qfile, said
 
 
+@pytest.fixture(scope="module")
+def full(setup, tmp_path_factory):
+    """One complete evaluation (batches of 3), the reference of the other tests."""
+    out = tmp_path_factory.mktemp("full")
+    return run(setup, out, batch_size=3), out
+
+
 def run(setup, out, **kw):
     model, qfile, _ = setup
     return evaluate_folder(model, qfile, out, max_new_tokens=NEW, progress=False, **kw)
 
 
-def test_batched_evaluation_equals_a_direct_loop(setup, tmp_path):
+def test_batched_evaluation_equals_a_direct_loop(setup, full):
     model_dir, qfile, said = setup
-    summary = run(setup, tmp_path / "out", batch_size=3)
-    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").open()]
+    summary, out = full
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").open()]
     assert [r["prediction"] for r in rows] == said
     questions, _ = load_questions(qfile)
     direct = [score(p, q.answer)["normalized"] for p, q in zip(said, questions)]
@@ -90,13 +98,12 @@ def test_batched_evaluation_equals_a_direct_loop(setup, tmp_path):
     assert set(rows[0]) == {"question_id", "kind", "prediction", "answer", "correct", "exact",
                             "visual_tokens", "router_keep_rate"}
     assert all(r["visual_tokens"] > 0 and 0 <= r["router_keep_rate"] <= 1 for r in rows)
-    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
-    md = (tmp_path / "out" / "summary.md").read_text()
+    assert json.loads((out / "summary.json").read_text()) == summary
+    md = (out / "summary.md").read_text()
     assert "| even | 4 | 100.0% |" in md and "| **all** | 7 | 57.1% |" in md
 
 
-def test_resume_after_an_interruption_and_a_torn_line(setup, tmp_path):
-    full = run(setup, tmp_path / "full", batch_size=2)
+def test_resume_after_an_interruption_and_a_torn_line(setup, full, tmp_path):
     out = tmp_path / "stopped"
 
     def stop(done):
@@ -111,13 +118,12 @@ def test_resume_after_an_interruption_and_a_torn_line(setup, tmp_path):
     seen = []
     resumed = run(setup, out, batch_size=2, after_batch=seen.append)
     assert seen == [4, 6, 7]  # the first two questions were not asked again
-    assert resumed == full
-    assert ((out / "predictions.jsonl").read_text()
-            == (tmp_path / "full" / "predictions.jsonl").read_text())
+    assert resumed == full[0]  # batches of 2 here, of 3 there
+    assert (out / "predictions.jsonl").read_text() == (full[1] / "predictions.jsonl").read_text()
 
 
 @pytest.mark.slow
-def test_resume_after_a_real_kill(setup, tmp_path):
+def test_resume_after_a_real_kill(setup, full, tmp_path):
     model_dir, qfile, _ = setup
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "recipes.eval", "--model", str(model_dir), "--questions",
@@ -137,12 +143,12 @@ def test_resume_after_a_real_kill(setup, tmp_path):
     seen = []
     resumed = run(setup, out, batch_size=4, after_batch=seen.append)  # the command's settings
     assert seen == [] if done == N else seen[0] == min(done + 4, N)
-    assert resumed == run(setup, tmp_path / "full", batch_size=4)
+    assert resumed == full[0]
 
 
-def test_other_settings_and_damaged_predictions_are_refused(setup, tmp_path):
+def test_other_settings_and_damaged_predictions_are_refused(setup, full, tmp_path):
     out = tmp_path / "o"
-    run(setup, out, batch_size=4)
+    shutil.copytree(full[1], out)
     with pytest.raises(EvalStateError, match="other settings .*format.*--restart"):
         run(setup, out, fmt="none")
     assert run(setup, out, fmt="none", restart=True)["settings"]["format"] == "none"
@@ -155,9 +161,10 @@ def test_other_settings_and_damaged_predictions_are_refused(setup, tmp_path):
         read_predictions(out / "predictions.jsonl", load_questions(setup[1])[0])
 
 
-def test_command_line(setup, tmp_path, capsys):
+def test_command_line(setup, full, tmp_path, capsys):
     model_dir, qfile, _ = setup
     out = tmp_path / "cli"
+    shutil.copytree(full[1], out)  # all answered: the command loads, resumes and sums up
     assert main(["--model", str(model_dir), "--questions", str(qfile), "--out", str(out),
                  "--max-new-tokens", str(NEW), "--no-progress"]) == 0
     assert "accuracy 57.1% " in capsys.readouterr().out
