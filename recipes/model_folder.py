@@ -334,10 +334,21 @@ def save_model_folder(model, directory: str | os.PathLike[str], *, tokenizer=Non
                                   else dict(state_dict))
             if processor is not None:
                 processor.save_pretrained(tmp)
+        _honour_umask(tmp)
         replace_folder(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return directory
+
+
+def _honour_umask(folder: Path) -> None:
+    """Give every file under ``folder`` the mode ``open()`` would (0666 minus the umask):
+    safetensors writes its files 0600 whatever the umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
 
 
 def load_model_folder(directory: str | os.PathLike[str], **kwargs):

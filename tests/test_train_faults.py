@@ -208,8 +208,8 @@ def test_files_honour_the_umask(run, tmp_path):
         main(_args(tmp, out, **{"training.max_steps": "1"}))
     finally:
         os.umask(old)
-    for name in ("config.yaml", "report.json", "log.jsonl", "final/slime.json",
-                 "final/adapter/model.safetensors", "final/adapter/config.json",
+    for name in ("config.yaml", "report.json", "log.jsonl", "final/config.json",
+                 "final/model.safetensors", "final/processor_config.json",
                  "checkpoints/latest", "checkpoints/step-0000001/trainer_state.json"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
 
@@ -313,7 +313,7 @@ def test_non_finite_vision_features_stop_the_run_naming_the_records(run, tmp_pat
     tmp, src = run
     folder = tmp_path / "init"
     shutil.copytree(src / "final", folder)
-    weights = folder / "vision" / "model.safetensors"
+    weights = folder / "model.safetensors"
     state = load_file(weights)
     name = next(k for k in state if k.endswith("patch_embedding.weight"))
     state[name][0, 0, 0, 0] = float("nan")

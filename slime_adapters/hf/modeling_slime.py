@@ -233,7 +233,8 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         owner = torch.arange(num_global, device=bad.device)
         if grids is not None and feats.shape[0] > num_global:
             tiles = torch.as_tensor(grids, device=bad.device).long().prod(1)
-            owner = torch.cat([owner, torch.repeat_interleave(owner, tiles)])
+            images = torch.arange(tiles.shape[0], device=bad.device)
+            owner = torch.cat([owner, torch.repeat_interleave(images, tiles)])
         images = sorted(set(owner[bad].tolist()))
         view = int(bad.nonzero()[0, 0])
         if view < num_global:
