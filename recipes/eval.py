@@ -47,8 +47,8 @@ from recipes.templates import IMAGE_TOKEN, ChatTemplate, get_template
 from slime_adapters import collate
 from slime_adapters.config import atomic_write_text
 
-__all__ = ["EvalStateError", "answer_batch", "answer_prompts", "evaluate", "evaluate_folder", "main",
-           "read_predictions", "summarize"]
+__all__ = ["EvalStateError", "answer_batch", "answer_prompts", "evaluate", "evaluate_folder",
+           "main", "markdown", "read_predictions", "summarize"]
 
 PREDICTIONS, SUMMARY, SUMMARY_MD, RUN = ("predictions.jsonl", "summary.json", "summary.md",
                                          "run.json")

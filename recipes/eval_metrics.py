@@ -22,8 +22,8 @@ import re
 import string
 from collections.abc import Mapping, Sequence
 
-__all__ = ["ARTICLES", "NUMBER_WORDS", "answer_letter", "choice_letter", "letters_for", "normalize_answer",
-           "score"]
+__all__ = ["ARTICLES", "NUMBER_WORDS", "answer_letter", "choice_letter", "letters_for",
+           "normalize_answer", "score"]
 
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
