@@ -37,7 +37,8 @@ test-install:
 # lmms-eval (the `eval` extra) and its tests in their own venv: lmms-eval 0.7.3 pulls in torchvision,
 # which does not import beside the CPU torch wheel (and then breaks transformers' model classes),
 # so the venv drops it (lmms-eval's core and the slime model do not use it); lmms-eval 0.7.3 needs
-# filelock < 4 (it patches filelock._api). A cold build takes about 3 minutes, the tests about 1.
+# filelock < 4 (it patches filelock._api). Measured on a busy 2-core machine: 7 min cold (141 s of
+# CPU: pip about 5.5 min, the tests 86 s); warm, the tests alone.
 LMMS_VENV  ?= .venv-lmms
 LMMS_STAMP := $(LMMS_VENV)/.slime-installed
 
