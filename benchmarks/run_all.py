@@ -19,8 +19,8 @@ from pathlib import Path
 
 from benchmarks._common import REPO_ROOT
 
-BENCHMARKS = ("bench_tokens", "bench_slicing", "bench_router", "bench_adapters", "bench_stack",
-              "bench_attention", "bilinear")
+BENCHMARKS = ("bench_tokens", "bench_slicing", "bench_router", "bench_sparsity", "bench_prefill",
+              "bench_adapters", "bench_stack", "bench_attention", "bilinear")
 
 
 def command(name: str, *, tiny: bool, out: Path | None, extra: list[str]) -> list[str]:

@@ -106,6 +106,14 @@ def _check_config_dict(data: Any, cls: type[ConfigBase], where: str) -> dict[str
     _keys(data, names, where)
     for key, value in data.items():
         hint = hints[key]
+        options = {a.kind: a for a in typing.get_args(hint)
+                   if isinstance(a, type) and issubclass(a, ConfigBase)}
+        if options and isinstance(value, Mapping):  # one of several configs, named by its kind
+            kind = value.get("kind", next(iter(options)))
+            if kind not in options:
+                raise ValueError(f"{where}.{key}.kind must be one of {sorted(options)}, got "
+                                 f"{kind!r}")
+            hint = options[kind]
         if isinstance(hint, type) and issubclass(hint, ConfigBase):
             data[key] = _check_config_dict(value, hint, f"{where}.{key}")
         elif not _hint_ok(hint, value):

@@ -33,6 +33,7 @@ from slime_adapters.layers import mlp
 from slime_adapters.projector import MoEOutput, NoisyMoEProjector, NoisyMoEProjectorConfig
 from slime_adapters.router import CosineTokenRouter, CosineTokenRouterConfig, RouterOutput, check_gamma
 from slime_adapters.router_scores import cosine_scores_to, pooled_text_direction
+from slime_adapters.selectors import build_router, select_packed
 from slime_adapters.schedule.roles import RoleSpec
 from slime_adapters.slicing.plan import VIEWS
 
@@ -125,7 +126,7 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
             LLM width).
         compressor: config of the tile compressor; its output width must equal the projector's
             ``in_dim`` (local tokens go through an MLP from the vision width to the LLM width).
-        router: config of the text-guided router.
+        router: config of the router or of a baseline selector (:mod:`slime_adapters.selectors`).
         separator: ``"learned"`` (a trained vector between global and local tokens), ``"embedding"``
             (the caller passes ``separator_embeds``, e.g. the LLM's embedding of ``","`` as in the
             released code) or ``"none"``. A separator appears only when both views are present.
@@ -157,7 +158,7 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.projector = NoisyMoEProjector.from_config(cfg.projector, **factory)
         self.compressor = QueryCompressor.from_config(cfg.compressor, **factory)
-        self.router = CosineTokenRouter.from_config(cfg.router, **factory)
+        self.router = build_router(cfg.router, **factory)
         out = cfg.projector.out_dim
         self.local_mlp = mlp(cfg.projector.in_dim, out, **factory) if local_mlp == "own" else None
         self.separator = (nn.Parameter(torch.empty(out, **factory)) if separator == "learned"
@@ -231,6 +232,7 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
         views: str | None = None,
         force_expert: int | None = None,
         router_gamma: float | None = None,
+        tile_saliency: Tensor | None = None,
     ) -> VisualTokens:
         """Visual tokens for a batch of ``b`` images.
 
@@ -247,7 +249,8 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
             separator_embeds: ``(dl,)`` or ``(b, dl)``, required when ``separator="embedding"``.
             views: overrides the configured views for this call (a training stage's views).
             force_expert: passed to the projector (0 = MLP expert only, 1 = query expert only).
-            router_gamma: overrides the router's γ for this call.
+            router_gamma: overrides the router's γ for this call (a selector: None or 1.0 only).
+            tile_saliency: ``(p, q)``/``(p, s)`` tile saliency, for a ``SaliencySelector`` only.
 
         Returns:
             :class:`VisualTokens`.
@@ -328,7 +331,13 @@ class SliMEVisualAdapter(ConfigurableMixin, nn.Module):
         pos = pos_h.to(device, non_blocking=True)
         valid = valid_h.to(device, non_blocking=True)
         num_local = (tiles * q_tokens).to(device, non_blocking=True)
-        routed = self._route_local(local, image, pos, valid, text_embeds, text_mask, router_gamma)
+        if isinstance(self.router, CosineTokenRouter) and tile_saliency is None:
+            routed = self._route_local(local, image, pos, valid, text_embeds, text_mask,
+                                       router_gamma)
+        else:  # a baseline selector, on each image's (rows, cols) token raster
+            routed = select_packed(self.router, local, image, pos, valid,
+                                   grids_h.flip(1) * self.tokens_side, text_embeds, text_mask,
+                                   router_gamma, tile_saliency)
 
         # Every row is written once into one buffer of b·base + p·q rows: image i's global
         # tokens, separator and kept local tokens (raster order) at cu[i]:cu[i+1], the dropped

@@ -27,15 +27,30 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 from slime_adapters.compressor import QueryCompressorConfig
 from slime_adapters.config import ConfigBase, ConfigError, check_bool, check_choice
 from slime_adapters.projector import NoisyMoEProjectorConfig
 from slime_adapters.router import CosineTokenRouterConfig
+from slime_adapters.selectors import (
+    ROUTER_CONFIGS,
+    DiversitySelectorConfig,
+    NormSelectorConfig,
+    QuestionTopKSelectorConfig,
+    RandomSelectorConfig,
+    SaliencySelectorConfig,
+    SpatialSelectorConfig,
+)
 from slime_adapters.slicing.plan import VIEWS
 
-__all__ = ["LOCAL_MLPS", "PRESETS", "SEPARATORS", "SliMEVisualAdapterConfig", "preset_switches"]
+__all__ = ["LOCAL_MLPS", "PRESETS", "SEPARATORS", "RouterConfig", "SliMEVisualAdapterConfig",
+           "preset_switches"]
+
+#: the configs the adapter's ``router`` takes: the SliME router or a baseline selector
+RouterConfig = Union[  # noqa: UP007 (resolved by typing.get_type_hints when loading JSON)
+    CosineTokenRouterConfig, RandomSelectorConfig, SpatialSelectorConfig, NormSelectorConfig,
+    DiversitySelectorConfig, QuestionTopKSelectorConfig, SaliencySelectorConfig]
 
 SEPARATORS = ("learned", "embedding", "none")
 LOCAL_MLPS = ("shared", "own")
@@ -88,7 +103,7 @@ class SliMEVisualAdapterConfig(ConfigBase):
     kind: ClassVar[str] = "slime_visual_adapter"
     projector: NoisyMoEProjectorConfig = field(default_factory=NoisyMoEProjectorConfig)
     compressor: QueryCompressorConfig = field(default_factory=QueryCompressorConfig)
-    router: CosineTokenRouterConfig = field(default_factory=CosineTokenRouterConfig)
+    router: RouterConfig = field(default_factory=CosineTokenRouterConfig)
     separator: str = "learned"
     local_mlp: str = "shared"
     views: str = "both"
@@ -97,8 +112,10 @@ class SliMEVisualAdapterConfig(ConfigBase):
         owner = type(self).__name__
         for name, cls in _SUB_CONFIGS.items():
             value = getattr(self, name)
-            if not isinstance(value, cls):
-                raise ConfigError(f"{owner}: {name} must be a {cls.__name__}, got "
+            allowed = ROUTER_CONFIGS if name == "router" else (cls,)
+            if type(value) not in allowed:
+                kinds = " or ".join(c.__name__ for c in allowed)
+                raise ConfigError(f"{owner}: {name} must be a {kinds}, got "
                                   f"{type(value).__name__} {value!r}")
         check_choice(owner, "separator", self.separator, SEPARATORS)
         check_choice(owner, "local_mlp", self.local_mlp, LOCAL_MLPS)
@@ -115,6 +132,28 @@ class SliMEVisualAdapterConfig(ConfigBase):
                 f"{owner}: compressor.num_queries must be a perfect square to lay tiles out on a "
                 f"grid, got {self.compressor.num_queries}"
             )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SliMEVisualAdapterConfig:
+        """As :meth:`ConfigBase.from_dict`; the ``router`` dict is read as the config its
+        ``kind`` names (no ``kind``: the cosine router), e.g. ``{"kind": "norm_selector",
+        "keep_fraction": 0.25}``.
+
+        Raises:
+            ConfigError: an unknown router kind, or an invalid field (named).
+        """
+        router = data.get("router") if isinstance(data, dict) else None
+        if isinstance(router, dict):
+            kinds = {c.kind: c for c in ROUTER_CONFIGS}
+            kind = router.get("kind", CosineTokenRouterConfig.kind)
+            if kind not in kinds:
+                raise ConfigError(f"{cls.__name__}: router kind {kind!r} is unknown; kinds: "
+                                  f"{sorted(kinds)}")
+            try:
+                data = {**data, "router": kinds[kind].from_dict(router)}
+            except ConfigError as exc:
+                raise ConfigError(f"{cls.__name__}: invalid config: router: {exc}") from exc
+        return super().from_dict(data)
 
     @classmethod
     def paper(cls, **changes: Any) -> SliMEVisualAdapterConfig:
@@ -149,6 +188,10 @@ class SliMEVisualAdapterConfig(ConfigBase):
         kwargs: dict[str, Any] = {}
         for name, sub_cls in _SUB_CONFIGS.items():
             given = changes.get(name)
+            if (name == "router" and type(given) in ROUTER_CONFIGS
+                    and not isinstance(given, CosineTokenRouterConfig)):
+                kwargs[name] = given  # a baseline selector: the router switches do not apply
+                continue
             if given is None:
                 fields: dict[str, Any] = {}
             elif isinstance(given, sub_cls):

@@ -13,6 +13,12 @@ import torch
 from slime_adapters import (
     ConfigError,
     CosineTokenRouterConfig,
+    DiversitySelectorConfig,
+    NormSelectorConfig,
+    QuestionTopKSelectorConfig,
+    RandomSelectorConfig,
+    SaliencySelectorConfig,
+    SpatialSelectorConfig,
     NoisyMoEProjector,
     NoisyMoEProjectorConfig,
     QueryCompressor,
@@ -26,6 +32,13 @@ from slime_adapters import (
 )
 
 NAN, INF = math.nan, math.inf
+
+# the budget of every baseline selector
+BUDGET_BAD = {
+    "keep_fraction": [0, 1.5, -0.1, NAN, INF, True, "0.5"],
+    "keep_count": [0, -3, 2.5, True, "4"],
+    "min_keep": [-1, 1.5, True, None],
+}
 
 BAD = {
     SlicerConfig: {
@@ -80,10 +93,16 @@ BAD = {
         "crossing": ["bogus", "above"],
         "on_empty_text": ["bogus", "ignore"],
     },
+    RandomSelectorConfig: {**BUDGET_BAD, "seed": [-1, 1.5, True, "0", None]},
+    SpatialSelectorConfig: {**BUDGET_BAD, "stride": [0, -2, 2.0, True, "2"]},
+    NormSelectorConfig: BUDGET_BAD,
+    DiversitySelectorConfig: BUDGET_BAD,
+    QuestionTopKSelectorConfig: {**BUDGET_BAD, "on_empty_text": ["bogus", None]},
+    SaliencySelectorConfig: BUDGET_BAD,
     SliMEVisualAdapterConfig: {
         "projector": ["bogus", {}, None, QueryCompressorConfig()],
         "compressor": ["bogus", NoisyMoEProjectorConfig(), QueryCompressorConfig(dim=512)],
-        "router": [3, None],
+        "router": [3, None, QueryCompressorConfig(), {"gamma": 0.9}],
         "separator": ["bogus", "comma", None],
         "local_mlp": ["bogus", "separate"],
         "views": ["bogus", "Global", None],
@@ -188,3 +207,45 @@ def test_presets_set_the_switches_together():
         SliMEVisualAdapterConfig.released(legacy_softmax="no")
     with pytest.raises(ConfigError, match=r"router: .*unexpected keyword argument 'gama'"):
         SliMEVisualAdapterConfig.paper(router={"gama": 0.9})
+
+
+def test_a_selector_budget_is_at_most_one_of_fraction_count_and_stride():
+    with pytest.raises(ConfigError, match=r"NormSelectorConfig: set at most one of keep_fraction, "
+                                          r"keep_count \(the budget\), got keep_fraction, "
+                                          r"keep_count"):
+        NormSelectorConfig(keep_fraction=0.5, keep_count=3)
+    with pytest.raises(ConfigError, match=r"SpatialSelectorConfig: set at most one of "
+                                          r"keep_fraction, keep_count, stride .*got keep_count, "
+                                          r"stride"):
+        SpatialSelectorConfig(keep_count=3, stride=2)
+    assert NormSelectorConfig().budget() == {"keep_fraction": 0.25}
+    assert NormSelectorConfig(keep_count=7).budget() == {"keep_count": 7}
+    assert SpatialSelectorConfig().effective_stride == 2
+    assert SpatialSelectorConfig(keep_fraction=0.5).effective_stride is None
+
+
+def test_the_adapter_takes_a_selector_config_saved_and_loaded(tmp_path):
+    small = dict(projector=NoisyMoEProjectorConfig(in_dim=16, out_dim=8, num_tokens=4,
+                                                   num_heads=2),
+                 compressor=QueryCompressorConfig(dim=16, num_queries=4, num_heads=2))
+    for router in (RandomSelectorConfig(keep_count=3, seed=4), SpatialSelectorConfig(stride=3),
+                   NormSelectorConfig(keep_fraction=0.4), DiversitySelectorConfig(min_keep=2),
+                   QuestionTopKSelectorConfig(on_empty_text="raise"), SaliencySelectorConfig()):
+        cfg = SliMEVisualAdapterConfig(router=router, **small)
+        assert SliMEVisualAdapterConfig.from_json(cfg.to_json()) == cfg
+        adapter = SliMEVisualAdapter.from_config(cfg)
+        assert type(adapter.router).config_class is type(router)
+        assert load_module(save_module(adapter, tmp_path / router.kind)).config == cfg
+        assert load_module(save_module(adapter.router, tmp_path / f"{router.kind}_alone")
+                           ).config == router
+        paper = SliMEVisualAdapterConfig.paper(router=router, **small)
+        assert paper.router == router
+    # a router dict is read as the config its kind names (none: the cosine router)
+    assert SliMEVisualAdapterConfig.from_dict(
+        {"router": {"kind": "norm_selector", "keep_count": 3}}).router == NormSelectorConfig(
+        keep_count=3)
+    assert SliMEVisualAdapterConfig.from_dict({"router": {"gamma": 0.5}}).router.gamma == 0.5
+    with pytest.raises(ConfigError, match=r"router kind 'bogus' is unknown; kinds: \["):
+        SliMEVisualAdapterConfig.from_dict({"router": {"kind": "bogus"}})
+    with pytest.raises(ConfigError, match="router: .*gamma must be a finite number"):
+        SliMEVisualAdapterConfig.from_dict({"router": {"gamma": "high"}})

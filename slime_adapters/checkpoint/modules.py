@@ -109,6 +109,12 @@ _BUILTIN = {
     "noisy_moe_projector": ("slime_adapters.projector", "NoisyMoEProjector"),
     "cosine_token_router": ("slime_adapters.router", "CosineTokenRouter"),
     "slime_visual_adapter": ("slime_adapters.adapter", "SliMEVisualAdapter"),
+    "random_selector": ("slime_adapters.selectors", "RandomSelector"),
+    "spatial_selector": ("slime_adapters.selectors", "SpatialSelector"),
+    "norm_selector": ("slime_adapters.selectors", "NormSelector"),
+    "diversity_selector": ("slime_adapters.selectors", "DiversitySelector"),
+    "question_topk_selector": ("slime_adapters.selectors", "QuestionTopKSelector"),
+    "saliency_selector": ("slime_adapters.selectors", "SaliencySelector"),
 }
 
 

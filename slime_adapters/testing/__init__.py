@@ -13,6 +13,10 @@ module                 oracles
                        :func:`sincos_2d_reference`, :func:`gelu_reference`
 ``testing.projector``  :func:`noisy_moe_reference`, :func:`mlp_reference`
 ``testing.router``     :func:`router_reference`, :func:`router_reference_released`
+``testing.selectors``  :func:`random_selector_reference`, :func:`spatial_selector_reference`,
+                       :func:`norm_selector_reference`, :func:`diversity_selector_reference`,
+                       :func:`question_topk_reference`, :func:`saliency_selector_reference`,
+                       :func:`contextual_tokens_reference`, :func:`budget_count_reference`
 ``testing.slicing``    :func:`slice_image_reference`
 ``testing.splice``     :func:`splice_reference`
 ``testing.adapter``    :func:`adapter_reference`
@@ -34,21 +38,39 @@ from slime_adapters.testing.compressor import (
 )
 from slime_adapters.testing.projector import mlp_reference, noisy_moe_reference
 from slime_adapters.testing.router import router_reference, router_reference_released
+from slime_adapters.testing.selectors import (
+    budget_count_reference,
+    contextual_tokens_reference,
+    diversity_selector_reference,
+    norm_selector_reference,
+    question_topk_reference,
+    random_selector_reference,
+    saliency_selector_reference,
+    spatial_selector_reference,
+)
 from slime_adapters.testing.slicing import slice_image_reference
 from slime_adapters.testing.splice import splice_reference
 
 __all__ = [
     "adapter_reference",
     "attention_reference",
+    "budget_count_reference",
+    "contextual_tokens_reference",
+    "diversity_selector_reference",
     "gelu_reference",
     "layer_norm_reference",
     "mlp_reference",
     "module_tensors",
     "noisy_moe_reference",
+    "norm_selector_reference",
+    "question_topk_reference",
+    "random_selector_reference",
     "query_compressor_reference",
     "router_reference",
     "router_reference_released",
+    "saliency_selector_reference",
     "slice_image_reference",
     "sincos_2d_reference",
+    "spatial_selector_reference",
     "splice_reference",
 ]
