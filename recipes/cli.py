@@ -1,4 +1,4 @@
-"""The console scripts ``slime-train``, ``slime-chat`` and ``slime-demo``.
+"""The console scripts ``slime-train``, ``slime-chat``, ``slime-demo`` and ``slime-eval``.
 
 ``slime-train --config tiny/stage1.yaml`` also takes a configuration shipped with the package by
 its path under :data:`recipes.CONFIGS` (a file of that name in the working folder wins). Bad
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from recipes import CONFIGS
 
-__all__ = ["chat", "demo", "train"]
+__all__ = ["chat", "demo", "evaluate", "train"]
 
 
 def _shipped(argv: list[str]) -> list[str]:
@@ -53,3 +53,9 @@ def demo(argv: list[str] | None = None) -> int:
 
     main(argv)
     return 0
+
+
+def evaluate(argv: list[str] | None = None) -> int:
+    from recipes.eval import main
+
+    return main(argv)

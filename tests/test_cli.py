@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_console_scripts_name_callables():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"slime-train", "slime-chat", "slime-demo"}
+    assert set(scripts) == {"slime-train", "slime-chat", "slime-demo", "slime-eval"}
     for target in scripts.values():
         module, name = target.split(":")
         assert callable(getattr(importlib.import_module(module), name))

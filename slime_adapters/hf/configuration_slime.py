@@ -32,8 +32,9 @@ ENCODERS: dict[str, tuple[str, bool, tuple[float, ...], tuple[float, ...]]] = {
     "siglip_vision_model": ("siglip", False, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 # "question": the human turns' text (the processor's question_ids) steers the router;
-# "prompt": every text token of the prompt does (the released code's rule)
-ROUTER_TEXT_RULES = ("question", "prompt")
+# "prompt": every text token of the prompt but the answers does;
+# "released": every token but the image placeholder, the answers too (the released code's rule)
+ROUTER_TEXT_RULES = ("question", "prompt", "released")
 
 
 def encoder_kind(vision_config: Any) -> tuple[str, bool, tuple[float, ...], tuple[float, ...]]:
@@ -75,7 +76,7 @@ class SliMEConfig(PreTrainedConfig):
             when ``adapter_config.separator == "embedding"``).
         feature_layer: the encoder hidden state that feeds the adapter (−2 as LLaVA).
         drop_cls: drop each view's first (CLS) token; ``None`` = drop it when the encoder has one.
-        router_text: ``"question"`` or ``"prompt"`` (see ``ROUTER_TEXT_RULES``).
+        router_text: ``"question"``, ``"prompt"`` or ``"released"`` (see ``ROUTER_TEXT_RULES``).
         slicer_config: the :class:`slime_adapters.SlicerConfig` keywords the model was trained
             with (its tile size defaults to the encoder's image size).
         training_stage: the training stage the weights come from (``Stage.to_dict()``), or None.

@@ -258,8 +258,8 @@ class SliMEForConditionalGeneration(SliMEPreTrainedModel, GenerationMixin):
         mask = input_ids != self.config.image_token_id
         if attention_mask is not None:
             mask &= attention_mask.bool()
-        if labels is not None:  # the answers do not steer the router
-            mask &= labels == -100
+        if labels is not None and self.config.router_text == "prompt":
+            mask &= labels == -100  # the answers do not steer the router ("released": they do)
         return self.get_input_embeddings()(input_ids), mask
 
     # ------------------------------------------------------------------------------ forward
