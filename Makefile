@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all venv test test-install test-openclip test-lmms-eval demo demo-full bench clean
+.PHONY: all venv test test-unit test-install test-openclip test-lmms-eval demo demo-full bench clean
 
 all: test
 
@@ -27,11 +27,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# the whole suite: the unit and recipe tests in .venv, then the checks that need a venv of their
+# own (a fresh install, open_clip, lmms-eval); each extra venv is built once, then reused
+test: test-unit test-install test-openclip test-lmms-eval
+
+test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # a fresh venv, `pip install ".[recipes]"`, slime-train / slime-chat from another folder: about
-# 4 minutes on a 2-core machine (pip fetches and unpacks ~1.3 GB), so not part of `make test`
+# 4 minutes on a 2-core machine (pip fetches and unpacks ~1.3 GB)
 test-install:
 	PYTHON=$(PYTHON) TORCH="$(TORCH)" bash tests/install_check.sh
 
