@@ -266,9 +266,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "variant trains for their sum")
     p.add_argument("--stage0-steps", type=int, default=200)
     p.add_argument("--stage0-batch", type=int, default=32, help="views per stage-0 step")
-    p.add_argument("--stage0-pool", type=int, default=512,
+    p.add_argument("--stage0-pool", type=int, default=2048,
                    help="336-px pictures of the task drawn once for stage 0")
-    p.add_argument("--stage0-lr", type=float, default=4e-3)
+    p.add_argument("--stage0-lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of every stage")
     p.add_argument("--gamma", type=float, default=0.9, help="router γ of the slime variants")
