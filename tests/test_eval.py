@@ -28,6 +28,8 @@ from recipes.eval_metrics import score  # noqa: E402
 from recipes.model_folder import save_model_folder  # noqa: E402
 from recipes.templates import get_template  # noqa: E402
 
+# its own copy of tests.test_chat.TINY: `make test-lmms-eval` runs this file in a venv where a
+# `tests` package installed by a dependency shadows this repository's
 TINY = {
     "vision": {"type": "clip", "config": dict(hidden_size=32, intermediate_size=64,
                                               num_hidden_layers=2, num_attention_heads=4,

@@ -28,6 +28,8 @@ from recipes.eval_data import build_prompt, load_questions  # noqa: E402
 from recipes.model_folder import save_model_folder  # noqa: E402
 from slime_adapters.eval.task import write_task  # noqa: E402
 
+# its own copy of tests.test_chat.TINY: in the lmms-eval venv a `tests` package installed by a
+# dependency shadows this repository's, so tests.test_chat cannot be imported here
 TINY = {
     "vision": {"type": "clip", "config": dict(hidden_size=32, intermediate_size=64,
                                               num_hidden_layers=2, num_attention_heads=4,

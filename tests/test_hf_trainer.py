@@ -25,17 +25,7 @@ from recipes.model_folder import load_model_folder, save_model_folder  # noqa: E
 from slime_adapters import AlternatingScheduler, paper_stages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "vision": {"type": "clip", "config": dict(hidden_size=32, intermediate_size=64,
-                                              num_hidden_layers=2, num_attention_heads=4,
-                                              image_size=336, patch_size=42)},
-    "llm": {"type": "llama", "config": dict(hidden_size=64, intermediate_size=128,
-                                            num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=2, max_position_embeddings=512)},
-    "tokenizer": {"type": "word"},
-    "adapter": {"projector": {"num_heads": 2}, "compressor": {"num_queries": 16, "num_heads": 2},
-                "router": {"gamma": 0.8, "temperature": 0.05}},
-}
+from tests.test_chat import TINY  # noqa: E402  # the tiny model every recipe test builds
 
 
 @pytest.fixture(scope="module")

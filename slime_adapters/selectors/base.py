@@ -95,7 +95,9 @@ class FixedBudgetSelector(ConfigurableMixin, nn.Module):
     def priority(self, image_tokens: Tensor, text_embeds: Tensor | None, valid: Tensor,
                  count: Tensor, *, text_mask: Tensor | None, raster: Tensor | None,
                  saliency: Tensor | None, **extra) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """The abstract hook each selector defines: its ranking of the valid tokens under
+        ``count``. This base class has no ranking of its own."""
+        raise NotImplementedError(f"{type(self).__name__} defines no priority()")
 
     def forward(
         self,
